@@ -1,0 +1,1 @@
+//! Endpoint selection (issue 4).

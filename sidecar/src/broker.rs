@@ -1,0 +1,1 @@
+//! The RabbitMQ bridge (issue 6).

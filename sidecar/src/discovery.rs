@@ -1,0 +1,1 @@
+//! Discovery (issue 5).

@@ -1,0 +1,1 @@
+//! Policy layers (issue 4).
