@@ -118,6 +118,11 @@ struct App {
 
 impl App {
     async fn start(script: Script) -> App {
+        Self::start_slow(script, Duration::ZERO).await
+    }
+
+    /// Like `start`, answering each request only after `delay`.
+    async fn start_slow(script: Script, delay: Duration) -> App {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -147,6 +152,9 @@ impl App {
                                 body,
                             };
                             let status = script(&seen);
+                            if !delay.is_zero() {
+                                tokio::time::sleep(delay).await;
+                            }
                             log.lock().expect("log").push(seen);
                             let mut resp = http::Response::new(Full::new(Bytes::new()));
                             *resp.status_mut() =
@@ -884,22 +892,28 @@ async fn close_connection_named(needle: &str) -> usize {
 async fn connection_closed_by_broker_mid_stream_loses_nothing() {
     init();
     let ns = unique();
-    let app = App::start(always(200)).await;
+    // A slow app, so deliveries are in flight when the connection goes.
+    let app = App::start_slow(always(200), Duration::from_millis(5)).await;
     let cfg = subscriber(&ns, app.addr, 5);
     let metrics = Arc::new(Metrics::new());
     let bridge = Bridge::start(&cfg, metrics.clone());
     let addr = serve_bridge(bridge.clone()).await;
     wait_ready(&bridge).await;
 
-    // A client that retries on 503, as apps should: every message ends up confirmed once.
-    const N: usize = 400;
+    // Eight clients that retry on 503, as apps should, until told to stop: every message they
+    // were told about (202) must reach the app.
+    const CLIENTS: usize = 8;
     let confirmed: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let publisher = {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut publishers = Vec::new();
+    for k in 0..CLIENTS {
         let confirmed = confirmed.clone();
-        tokio::spawn(async move {
+        let stop = stop.clone();
+        publishers.push(tokio::spawn(async move {
             let c = client();
             let mut refused = 0;
-            for i in 0..N {
+            let mut i = k;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 loop {
                     let resp = c
                         .post(format!("http://{addr}/v1/events/e"))
@@ -911,27 +925,37 @@ async fn connection_closed_by_broker_mid_stream_loses_nothing() {
                         Ok(r) if r.status() == 202 => break,
                         Ok(r) => {
                             assert_eq!(r.status(), 503, "only 503 while reconnecting");
+                            assert!(r.headers().contains_key("retry-after"));
                             refused += 1;
-                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
                         }
                         Err(e) => panic!("bridge unreachable: {e}"),
                     }
                 }
                 confirmed.lock().expect("set").insert(format!("m-{i}"));
-                if i % 50 == 0 {
-                    tokio::time::sleep(Duration::from_millis(30)).await;
-                }
+                i += CLIENTS;
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
             refused
-        })
-    };
-    // Let some traffic through, then cut the connection from the broker side.
-    while confirmed.lock().expect("set").len() < N / 4 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        }));
+    }
+    // Let some traffic through, then cut the connection from the broker side, mid-stream.
+    while confirmed.lock().expect("set").len() < 200 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let closed = close_connection_named(&format!("outrider {ns}/svc")).await;
     assert_eq!(closed, 1, "exactly our connection");
-    let refused = publisher.await.expect("publisher");
+    let at_close = confirmed.lock().expect("set").len();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_ready(&bridge).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut refused = 0;
+    for p in publishers {
+        refused += p.await.expect("publisher");
+    }
+    let n = confirmed.lock().expect("set").len();
+    assert!(n > at_close + 100, "traffic continued after the reconnect: {at_close} -> {n}");
     wait_ready(&bridge).await;
 
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -973,8 +997,8 @@ async fn connection_closed_by_broker_mid_stream_loses_nothing() {
         distinct.len(),
         refused
     );
-    assert_eq!(distinct.len(), N);
-    assert_eq!(ids.len(), N, "no message delivered twice (dedup)");
+    assert_eq!(distinct.len(), n);
+    assert_eq!(ids.len(), n, "no message delivered twice (dedup)");
     bridge.shutdown().await;
     let amqp = Amqp::connect(&ns).await;
     assert_eq!(amqp.count(&format!("{ns}.svc.e")).await, 0);
