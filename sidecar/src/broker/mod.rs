@@ -34,9 +34,8 @@ use crate::metrics::Metrics;
 
 pub use publish::{PublishError, Published, Target};
 
-/// The response body type the bridge answers with.
-pub type BoxBody =
-    http_body_util::combinators::UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+/// The response body type the bridge answers with (the proxy's body type).
+pub type BoxBody = crate::proxy::http::Body;
 
 /// Header carrying the sidecar error kind (CONTRACT §4).
 pub const ERROR_HEADER: &str = "x-outrider-error";
@@ -110,6 +109,18 @@ impl Bridge {
         if let Some(shared) = &self.shared {
             shared.shutdown().await;
         }
+    }
+}
+
+/// The outbound listener hands requests for the sidecar itself (authority `localhost`,
+/// `127.0.0.1` or its own address) to the bridge.
+impl crate::proxy::LocalApi for Bridge {
+    fn handle(
+        &self,
+        req: http::Request<hyper::body::Incoming>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = http::Response<BoxBody>> + Send + '_>>
+    {
+        Box::pin(Bridge::handle(self, req))
     }
 }
 
