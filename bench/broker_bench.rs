@@ -47,11 +47,13 @@ fn env_usize(name: &str, default: usize) -> usize {
 async fn main() -> Result<(), Error> {
     let n = env_usize("BENCH_N", 20_000);
     let prefetch = env_usize("BENCH_PREFETCH", 64);
-    let amqp =
-        std::env::var("BENCH_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let amqp = std::env::var("BENCH_AMQP")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let ns = format!("bench.{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let payload = vec![b'x'; 1024];
-    println!("broker bench: {n} persistent 1 KiB messages per run, prefetch {prefetch}, namespace {ns}");
+    println!(
+        "broker bench: {n} persistent 1 KiB messages per run, prefetch {prefetch}, namespace {ns}"
+    );
 
     let conn = Connection::connect(
         &amqp,
@@ -87,8 +89,14 @@ async fn main() -> Result<(), Error> {
     for concurrency in [16, 32, 64] {
         let raw = raw_publish(&ch, &raw_q, n, concurrency, &payload).await?;
         purge(&ch, &raw_q).await?;
-        let via = http_publish(addr, &format!("/v1/queues/{bridge_q}"), n, concurrency, &payload)
-            .await?;
+        let via = http_publish(
+            addr,
+            &format!("/v1/queues/{bridge_q}"),
+            n,
+            concurrency,
+            &payload,
+        )
+        .await?;
         purge(&ch, &bridge_q).await?;
         println!(
             "publish raw, window {concurrency:>2}                   {raw:>9.0} msg/s\n\
@@ -126,17 +134,39 @@ async fn main() -> Result<(), Error> {
     );
     rows.push(("deliver".into(), raw, via));
 
-    for q in [&raw_q, &bridge_q, &work_q] {
-        for name in [q.clone(), format!("{q}.dlq")] {
-            let _ = ch.queue_delete(name.as_str().into(), QueueDeleteOptions::default()).await;
-        }
+    // Every queue of this run, retry holding queues included.
+    let listed = tokio::process::Command::new("rabbitmqctl")
+        .args(["list_queues", "name", "-q"])
+        .output()
+        .await;
+    let mut names: Vec<String> = listed
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    names.extend([
+        raw_q.clone(),
+        bridge_q.clone(),
+        work_q.clone(),
+        format!("{work_q}.dlq"),
+    ]);
+    for name in names.iter().filter(|n| n.starts_with(&ns)) {
+        let _ = ch
+            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .await;
     }
     let _ = ch
         .exchange_delete(format!("{ns}.x").as_str().into(), Default::default())
         .await;
     println!("\nsummary (through bridge / raw):");
     for (what, raw, via) in rows {
-        println!("  {what:<14} {via:>8.0} / {raw:>8.0} msg/s = {:>4.0} %", 100.0 * via / raw);
+        println!(
+            "  {what:<14} {via:>8.0} / {raw:>8.0} msg/s = {:>4.0} %",
+            100.0 * via / raw
+        );
     }
     let _ = conn.close(200, "bench done".into()).await;
     Ok(())
@@ -187,7 +217,13 @@ async fn raw_publish(
             }
         }
         let confirm = ch
-            .basic_publish("".into(), q.into(), BasicPublishOptions::default(), payload, props(i))
+            .basic_publish(
+                "".into(),
+                q.into(),
+                BasicPublishOptions::default(),
+                payload,
+                props(i),
+            )
             .await?;
         pending.push_back(confirm);
     }
@@ -209,10 +245,18 @@ async fn fill(ch: &Channel, q: &str, n: usize, payload: &[u8]) -> Result<(), Err
 
 async fn raw_consume(conn: &Connection, q: &str, n: usize, prefetch: usize) -> Result<f64, Error> {
     let ch = conn.create_channel().await?;
-    ch.basic_qos(u16::try_from(prefetch).unwrap_or(u16::MAX), BasicQosOptions::default())
-        .await?;
+    ch.basic_qos(
+        u16::try_from(prefetch).unwrap_or(u16::MAX),
+        BasicQosOptions::default(),
+    )
+    .await?;
     let mut consumer = ch
-        .basic_consume(q.into(), "bench-raw".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            q.into(),
+            "bench-raw".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     let mut started = None;
     let mut got = 0;
@@ -282,8 +326,7 @@ async fn http_publish(
         tasks.push(tokio::spawn(async move {
             let tcp = tokio::net::TcpStream::connect(addr).await?;
             tcp.set_nodelay(true)?;
-            let (mut send, conn) =
-                hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
             tokio::spawn(conn);
             while next.fetch_add(1, Ordering::Relaxed) < n {
                 let req = http::Request::post(path.as_str())

@@ -107,8 +107,7 @@ pub async fn run(path: PathBuf, config: Config) -> Result<(), RunError> {
         .broker
         .is_some()
         .then(|| Bridge::start(&config, metrics.clone()));
-    let local_api: Option<Arc<dyn LocalApi>> =
-        bridge.clone().map(|b| b as Arc<dyn LocalApi>);
+    let local_api: Option<Arc<dyn LocalApi>> = bridge.clone().map(|b| b as Arc<dyn LocalApi>);
     let grace = config.shutdown_grace;
     let shared = Shared::new(config, metrics.clone(), tls.clone(), local_api);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

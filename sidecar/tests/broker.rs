@@ -37,9 +37,30 @@ fn init() {
         .try_init();
 }
 
-/// A unique namespace: every name a test uses starts with it.
-fn unique() -> String {
-    format!("obt{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
+/// A unique namespace (every name a test uses starts with it) and the guard that deletes its
+/// queues and exchange when the test ends, passed or failed.
+fn unique() -> (String, Cleanup) {
+    let ns = format!("obt{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    (ns.clone(), Cleanup(ns))
+}
+
+struct Cleanup(String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let ns = self.0.clone();
+        // Runs on its own thread and runtime: this may be dropped during a panic.
+        let done = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move { Amqp::connect(&ns).await.cleanup().await });
+        });
+        let _ = done.join();
+    }
 }
 
 fn config(ns: &str, app: SocketAddr, broker: &str) -> Config {
@@ -96,6 +117,8 @@ async fn wait_ready(bridge: &Bridge) {
 struct Seen {
     headers: http::HeaderMap,
     body: Bytes,
+    /// What the app answered.
+    status: u16,
 }
 
 impl Seen {
@@ -147,11 +170,13 @@ impl App {
                                 .await
                                 .map(|b| b.to_bytes())
                                 .unwrap_or_default();
-                            let seen = Seen {
+                            let mut seen = Seen {
                                 headers: parts.headers,
                                 body,
+                                status: 0,
                             };
                             let status = script(&seen);
+                            seen.status = status;
                             if !delay.is_zero() {
                                 tokio::time::sleep(delay).await;
                             }
@@ -308,7 +333,7 @@ fn metric(metrics: &Metrics, name: &str, labels: &str) -> f64 {
 #[tokio::test]
 async fn publish_sets_properties_and_is_confirmed() {
     init();
-    let ns = unique();
+    let (ns, _cleanup) = unique();
     let app = App::start(always(200)).await;
     let cfg = config(
         &ns,
@@ -418,13 +443,12 @@ async fn publish_sets_properties_and_is_confirmed() {
 
     bridge.shutdown().await;
     assert!(bridge.ready().is_err());
-    amqp.cleanup().await;
 }
 
 #[tokio::test]
 async fn refusals_403_413_422_404() {
     init();
-    let ns = unique();
+    let (ns, _cleanup) = unique();
     let schemas = tempfile::tempdir().expect("tempdir");
     std::fs::write(
         schemas.path().join("lab.created.avsc"),
@@ -514,13 +538,12 @@ async fn refusals_403_413_422_404() {
     assert_eq!(resp.status(), 405);
 
     bridge.shutdown().await;
-    Amqp::connect(&ns).await.cleanup().await;
 }
 
 #[tokio::test]
 async fn unreachable_broker_answers_503_with_retry_after() {
     init();
-    let ns = unique();
+    let (ns, _cleanup) = unique();
     let app = App::start(always(200)).await;
     let cfg = config(
         &ns,
@@ -558,7 +581,7 @@ async fn grpc_publish_and_enqueue() {
     use outrider::pb::broker::broker_client::BrokerClient;
     use outrider::pb::broker::{EnqueueRequest, PublishRequest};
     init();
-    let ns = unique();
+    let (ns, _cleanup) = unique();
     let app = App::start(always(200)).await;
     let cfg = config(
         &ns,
@@ -626,7 +649,6 @@ async fn grpc_publish_and_enqueue() {
         .expect_err("over max_api_body");
     assert_eq!(too_big.code(), tonic::Code::InvalidArgument);
     bridge.shutdown().await;
-    amqp.cleanup().await;
 }
 
 /// Config for a subscriber of event `e` (and optionally a work queue) with fast retries.
@@ -662,7 +684,7 @@ async fn post(addr: SocketAddr, path: &str, correlation: &str, body: &str) -> se
 #[tokio::test]
 async fn delivery_headers_and_retry_until_success() {
     init();
-    let ns = unique();
+    let (ns, _cleanup) = unique();
     // Per correlation id: 500, 500, then 200.
     let counts: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
     let script: Script = Arc::new(move |seen| {
@@ -733,13 +755,12 @@ async fn delivery_headers_and_retry_until_success() {
     let amqp = Amqp::connect(&ns).await;
     assert_eq!(amqp.count(&format!("{ns}.svc.e")).await, 0);
     assert_eq!(amqp.count(&format!("{ns}.svc.e.dlq")).await, 0);
-    amqp.cleanup().await;
 }
 
 #[tokio::test]
 async fn client_error_dead_letters_at_once_and_exhaustion_too() {
     init();
-    let ns = unique();
+    let (ns, _cleanup) = unique();
     let script: Script = Arc::new(|seen| {
         if seen.header("x-correlation-id") == "poison" {
             400
@@ -815,13 +836,12 @@ async fn client_error_dead_letters_at_once_and_exhaustion_too() {
         2.0
     );
     bridge.shutdown().await;
-    amqp.cleanup().await;
 }
 
 #[tokio::test]
 async fn duplicate_correlation_id_reaches_the_app_once() {
     init();
-    let ns = unique();
+    let (ns, _cleanup) = unique();
     let app = App::start(always(200)).await;
     let cfg = subscriber(&ns, app.addr, 3);
     let metrics = Arc::new(Metrics::new());
@@ -858,7 +878,6 @@ async fn duplicate_correlation_id_reaches_the_app_once() {
     bridge.shutdown().await;
     let amqp = Amqp::connect(&ns).await;
     assert_eq!(amqp.count(&format!("{ns}.svc.e")).await, 0);
-    amqp.cleanup().await;
 }
 
 /// Closes the bridge's own connection (found by its connection name) from the broker side.
@@ -891,7 +910,7 @@ async fn close_connection_named(needle: &str) -> usize {
 #[tokio::test]
 async fn connection_closed_by_broker_mid_stream_loses_nothing() {
     init();
-    let ns = unique();
+    let (ns, _cleanup) = unique();
     // A slow app, so deliveries are in flight when the connection goes.
     let app = App::start_slow(always(200), Duration::from_millis(5)).await;
     let cfg = subscriber(&ns, app.addr, 5);
@@ -955,7 +974,10 @@ async fn connection_closed_by_broker_mid_stream_loses_nothing() {
         refused += p.await.expect("publisher");
     }
     let n = confirmed.lock().expect("set").len();
-    assert!(n > at_close + 100, "traffic continued after the reconnect: {at_close} -> {n}");
+    assert!(
+        n > at_close + 100,
+        "traffic continued after the reconnect: {at_close} -> {n}"
+    );
     wait_ready(&bridge).await;
 
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -1002,13 +1024,12 @@ async fn connection_closed_by_broker_mid_stream_loses_nothing() {
     bridge.shutdown().await;
     let amqp = Amqp::connect(&ns).await;
     assert_eq!(amqp.count(&format!("{ns}.svc.e")).await, 0);
-    amqp.cleanup().await;
 }
 
 #[tokio::test]
 async fn shutdown_stops_consuming_and_refuses_publishes() {
     init();
-    let ns = unique();
+    let (ns, _cleanup) = unique();
     let app = App::start(always(200)).await;
     let cfg = subscriber(&ns, app.addr, 3);
     let bridge = Bridge::start(&cfg, Arc::new(Metrics::new()));
@@ -1041,5 +1062,174 @@ async fn shutdown_stops_consuming_and_refuses_publishes() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(amqp.count(&format!("{ns}.svc.e")).await, 1);
     assert_eq!(app.seen().len(), 1);
-    amqp.cleanup().await;
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+async fn wait_http_ready(admin: SocketAddr, within: Duration) {
+    let deadline = Instant::now() + within;
+    let c = client();
+    loop {
+        if let Ok(r) = c.get(format!("http://{admin}/ready")).send().await
+            && r.status() == 200
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "sidecar not ready on {admin}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The real `outrider` binary, SIGKILLed and restarted while 2,000 messages stream through.
+#[tokio::test]
+async fn sidecar_killed_and_restarted_mid_stream_loses_nothing() {
+    init();
+    let (ns, _cleanup) = unique();
+    const N: usize = 2000;
+    // Every 10th message fails its first attempt, so some wait in a retry holding queue when
+    // the sidecar dies; the rest succeed at once.
+    let script: Script = Arc::new(|seen| {
+        let i: usize = seen
+            .header("x-correlation-id")
+            .trim_start_matches("m-")
+            .parse()
+            .unwrap_or(1);
+        if i.is_multiple_of(10) && seen.header("x-delivery-attempt") == "1" {
+            500
+        } else {
+            200
+        }
+    });
+    let app = App::start_slow(script, Duration::from_millis(2)).await;
+    let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("outrider.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "service: svc\nnamespace: {ns}\napp: {app}\ntls: {{ mode: disabled }}\n\
+             listen: {{ outbound: 127.0.0.1:{out}, inbound: 127.0.0.1:{inb}, admin: {admin} }}\n\
+             shutdown_grace: 1s\n\
+             broker:\n  url: {AMQP}\n  exchange: {ns}.x\n  publishes: [e]\n  subscriptions:\n\
+             \x20   - {{ event: e, deliver: /events/e, prefetch: 32, max_attempts: 5, retry_backoff: {{ base: 300ms, max: 1s }} }}\n",
+            app = app.addr,
+            out = free_port(),
+            inb = free_port(),
+        ),
+    )
+    .expect("write config");
+    let spawn = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_outrider"))
+            .args(["run", "-c"])
+            .arg(&path)
+            .args(["--log-level", "warn"])
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn outrider")
+    };
+    let mut sidecar = spawn();
+    wait_http_ready(admin, Duration::from_secs(15)).await;
+
+    // Publish straight to the exchange (confirmed), paced over about two seconds.
+    let amqp = Amqp::connect(&ns).await;
+    amqp.ch
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    let ch = amqp.ch.clone();
+    let exchange = format!("{ns}.x");
+    let publisher = tokio::spawn(async move {
+        for batch in 0..N / 100 {
+            let mut confirms = Vec::new();
+            for i in batch * 100..(batch + 1) * 100 {
+                let props = lapin::BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_correlation_id(format!("m-{i}").into())
+                    .with_message_id(uuid::Uuid::new_v4().to_string().into())
+                    .with_content_type("text/plain".into());
+                let confirm = ch
+                    .basic_publish(
+                        exchange.as_str().into(),
+                        "e".into(),
+                        lapin::options::BasicPublishOptions::default(),
+                        i.to_string().as_bytes(),
+                        props,
+                    )
+                    .await
+                    .expect("publish");
+                confirms.push(confirm);
+            }
+            for c in confirms {
+                assert!(c.await.expect("confirm").is_ack());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+
+    // Messages the app accepted (answered 200).
+    let distinct = |app: &App| -> HashSet<String> {
+        app.seen()
+            .iter()
+            .filter(|s| s.status == 200)
+            .map(|s| s.header("x-correlation-id"))
+            .collect()
+    };
+    while distinct(&app).len() < N / 4 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    sidecar.start_kill().expect("SIGKILL");
+    let _ = sidecar.wait().await;
+    let at_kill = distinct(&app).len();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut sidecar = spawn();
+    wait_http_ready(admin, Duration::from_secs(15)).await;
+    publisher.await.expect("publisher");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen = distinct(&app);
+        let missing: Vec<usize> = (0..N)
+            .filter(|i| !seen.contains(&format!("m-{i}")))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} messages never reached the app, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(10)]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let all = app.seen();
+    let ok = all.iter().filter(|s| s.status == 200).count();
+    let retried = all
+        .iter()
+        .filter(|s| s.header("x-delivery-attempt") == "2")
+        .count();
+    eprintln!(
+        "SIGKILL test: {N} published, {} deliveries to the app, {ok} accepted ({} beyond one \
+         each: at-least-once), {at_kill} accepted before the kill, {retried} second attempts",
+        all.len(),
+        ok - N
+    );
+    assert!(
+        retried >= N / 10,
+        "every 10th message was retried at least once"
+    );
+
+    let _ = client()
+        .post(format!("http://{admin}/shutdown"))
+        .send()
+        .await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), sidecar.wait()).await;
+    assert_eq!(amqp.count(&format!("{ns}.svc.e")).await, 0);
+    assert_eq!(amqp.count(&format!("{ns}.svc.e.dlq")).await, 0);
 }
