@@ -795,7 +795,10 @@ async fn client_error_dead_letters_at_once_and_exhaustion_too() {
     assert!(reason.contains("400"), "reason: {reason}");
     assert_eq!(app.seen().len(), 1, "a 4xx is not retried");
 
-    post(addr, "/v1/events/e", "flaky", "{}").await;
+    let flaky_id = post(addr, "/v1/events/e", "flaky", "{}").await["message_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let msg = amqp
         .get(&dlq, Duration::from_secs(10))
         .await
@@ -811,6 +814,15 @@ async fn client_error_dead_letters_at_once_and_exhaustion_too() {
     assert_eq!(
         header(&msg.delivery.properties, "x-outrider-attempt"),
         Some(&AMQPValue::LongLongInt(3))
+    );
+    assert!(
+        msg.delivery.properties.expiration().is_none(),
+        "a dead-lettered copy never expires"
+    );
+    assert_eq!(
+        msg.delivery.properties.message_id(),
+        &Some(ShortString::from(flaky_id.as_str())),
+        "the message id survives retries"
     );
     let flaky: Vec<String> = app
         .seen()

@@ -308,7 +308,17 @@ async fn handle(shared: &Shared, sub: &Subscription, channel: &Channel, delivery
                 let delay = topology::retry_delay(&sub.settings.backoff, attempt);
                 let holding = topology::retry_queue_name(&sub.settings.queue, delay);
                 tracing::info!(retry_in = ?delay, "delivery failed: {why}; will retry");
-                if forward(shared, channel, &delivery, &holding, attempt, None).await {
+                if forward(
+                    shared,
+                    channel,
+                    &delivery,
+                    &holding,
+                    attempt,
+                    None,
+                    Some(delay),
+                )
+                .await
+                {
                     ack(&delivery).await;
                     sub.retried.inc();
                 } else {
@@ -324,7 +334,17 @@ async fn handle(shared: &Shared, sub: &Subscription, channel: &Channel, delivery
                 };
                 let dlq = topology::dlq_name(&sub.settings.queue);
                 tracing::warn!(dlq = %dlq, "dead-lettering: {reason}");
-                if forward(shared, channel, &delivery, &dlq, attempt, Some(&reason)).await {
+                if forward(
+                    shared,
+                    channel,
+                    &delivery,
+                    &dlq,
+                    attempt,
+                    Some(&reason),
+                    None,
+                )
+                .await
+                {
                     ack(&delivery).await;
                     sub.dead_lettered.inc();
                 } else {
@@ -338,6 +358,8 @@ async fn handle(shared: &Shared, sub: &Subscription, channel: &Channel, delivery
 }
 
 /// Republishes a copy to `queue` (a holding queue or the DLQ) and waits for the confirm.
+/// `expiration` is the per-message TTL for a holding queue; `None` for the DLQ.
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     shared: &Shared,
     channel: &Channel,
@@ -345,6 +367,7 @@ async fn forward(
     queue: &str,
     attempt: u32,
     reason: Option<&str>,
+    expiration: Option<Duration>,
 ) -> bool {
     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
     headers.insert(
@@ -361,11 +384,10 @@ async fn forward(
             AMQPValue::LongString(LongString::from(delivery.routing_key.as_str())),
         );
     }
-    let mut props: BasicProperties = delivery.properties.clone().with_headers(headers);
+    let mut props = copy_properties(&delivery.properties, headers, expiration);
     if props.timestamp().is_none() {
         props = props.with_timestamp(unix_now());
     }
-    let props = props.with_delivery_mode(2);
     let Ok(routing_key) = ShortString::try_new(queue) else {
         tracing::error!("queue name `{queue}` is longer than 255 bytes");
         return false;
@@ -413,6 +435,46 @@ async fn forward(
             false
         }
     }
+}
+
+type SetString = fn(BasicProperties, ShortString) -> BasicProperties;
+
+/// The original properties with new headers, persistent, and `expiration` replaced (a copy in
+/// the DLQ must never expire).
+fn copy_properties(
+    p: &BasicProperties,
+    headers: FieldTable,
+    expiration: Option<Duration>,
+) -> BasicProperties {
+    let mut out = BasicProperties::default()
+        .with_headers(headers)
+        .with_delivery_mode(2);
+    let strings: [(&Option<ShortString>, SetString); 9] = [
+        (p.content_type(), BasicProperties::with_content_type),
+        (p.content_encoding(), BasicProperties::with_content_encoding),
+        (p.correlation_id(), BasicProperties::with_correlation_id),
+        (p.reply_to(), BasicProperties::with_reply_to),
+        (p.message_id(), BasicProperties::with_message_id),
+        (p.kind(), BasicProperties::with_type),
+        (p.user_id(), BasicProperties::with_user_id),
+        (p.app_id(), BasicProperties::with_app_id),
+        (p.cluster_id(), BasicProperties::with_cluster_id),
+    ];
+    for (value, set) in strings {
+        if let Some(v) = value {
+            out = set(out, v.clone());
+        }
+    }
+    if let Some(priority) = p.priority() {
+        out = out.with_priority(*priority);
+    }
+    if let Some(ts) = p.timestamp() {
+        out = out.with_timestamp(*ts);
+    }
+    if let Some(ttl) = expiration {
+        out = out.with_expiration(ShortString::from(ttl.as_millis().to_string()));
+    }
+    out
 }
 
 async fn ack(delivery: &Delivery) {
