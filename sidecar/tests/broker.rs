@@ -1097,7 +1097,22 @@ async fn wait_http_ready(admin: SocketAddr, within: Duration) {
     }
 }
 
-/// The real `outrider` binary, SIGKILLed and restarted while 2,000 messages stream through.
+/// Set to a config path, `sidecar_process` runs a whole sidecar (`outrider run -c PATH`).
+const SIDECAR_ENV: &str = "OUTRIDER_TEST_SIDECAR_CONFIG";
+
+/// Not a test on its own (passes at once): the sidecar process of the SIGKILL test. It re-runs
+/// this test binary rather than `target/debug/outrider`, because the shared target directory may
+/// hold another branch's `outrider` binary, while this binary is always this build.
+#[test]
+fn sidecar_process() {
+    if let Ok(path) = std::env::var(SIDECAR_ENV) {
+        let _ = outrider::runtime::run_cli(std::path::Path::new(&path));
+        std::process::exit(0);
+    }
+}
+
+/// A whole sidecar process (`outrider run` of this build), SIGKILLed and restarted while 2,000
+/// messages stream through.
 #[tokio::test]
 async fn sidecar_killed_and_restarted_mid_stream_loses_nothing() {
     init();
@@ -1135,15 +1150,21 @@ async fn sidecar_killed_and_restarted_mid_stream_loses_nothing() {
         ),
     )
     .expect("write config");
+    // The sidecar runs as its own process (this test binary in sidecar mode, see
+    // `sidecar_process`), so it can be SIGKILLed.
     let spawn = || {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_outrider"))
-            .args(["run", "-c"])
-            .arg(&path)
-            .args(["--log-level", "warn"])
+        tokio::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "--exact",
+                "sidecar_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(SIDECAR_ENV, &path)
             .stdout(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .expect("spawn outrider")
+            .expect("spawn the sidecar process")
     };
     let mut sidecar = spawn();
     wait_http_ready(admin, Duration::from_secs(15)).await;
@@ -1244,4 +1265,53 @@ async fn sidecar_killed_and_restarted_mid_stream_loses_nothing() {
     let _ = tokio::time::timeout(Duration::from_secs(5), sidecar.wait()).await;
     assert_eq!(amqp.count(&format!("{ns}.svc.e")).await, 0);
     assert_eq!(amqp.count(&format!("{ns}.svc.e.dlq")).await, 0);
+}
+
+#[tokio::test]
+async fn quorum_queues_retry_and_dead_letter() {
+    init();
+    let (ns, _cleanup) = unique();
+    let counts: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let script: Script = Arc::new(move |seen| {
+        let id = seen.header("x-correlation-id");
+        if id == "poison" {
+            return 422;
+        }
+        let mut counts = counts.lock().expect("counts");
+        let n = counts.entry(id).or_default();
+        *n += 1;
+        if *n < 2 { 503 } else { 200 }
+    });
+    let app = App::start(script).await;
+    let cfg = config(
+        &ns,
+        app.addr,
+        &broker_section(
+            &ns,
+            "  publishes: [e]\n  queue_type: quorum\n  subscriptions:\n\
+             \x20   - { event: e, deliver: /e, max_attempts: 3, retry_backoff: { base: 20ms, max: 40ms } }\n",
+        ),
+    );
+    let bridge = Bridge::start(&cfg, Arc::new(Metrics::new()));
+    let addr = serve_bridge(bridge.clone()).await;
+    wait_ready(&bridge).await;
+    post(addr, "/v1/events/e", "q-1", "{}").await;
+    post(addr, "/v1/events/e", "poison", "{}").await;
+    let amqp = Amqp::connect(&ns).await;
+    let msg = amqp
+        .get(&format!("{ns}.svc.e.dlq"), Duration::from_secs(5))
+        .await
+        .expect("poison message in the quorum dlq");
+    assert_eq!(
+        msg.delivery.properties.correlation_id(),
+        &Some(ShortString::from("poison"))
+    );
+    let seen = app.wait_for(3, Duration::from_secs(5)).await;
+    let attempts: Vec<String> = seen
+        .iter()
+        .filter(|s| s.header("x-correlation-id") == "q-1")
+        .map(|s| s.header("x-delivery-attempt"))
+        .collect();
+    assert_eq!(attempts, ["1", "2"]);
+    bridge.shutdown().await;
 }
