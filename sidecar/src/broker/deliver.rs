@@ -227,6 +227,7 @@ pub(crate) async fn run_consumer(
     sub: Arc<Subscription>,
     channel: Channel,
     mut consumer: Consumer,
+    generation: u64,
 ) {
     let mut shutdown = shared.shutdown_signal();
     loop {
@@ -236,12 +237,13 @@ pub(crate) async fn run_consumer(
         };
         match next {
             Some(Ok(delivery)) => {
+                let guard = shared.enter();
                 let shared = shared.clone();
                 let sub = sub.clone();
                 let channel = channel.clone();
                 tokio::spawn(async move {
-                    let _guard = shared.in_flight.enter();
                     handle(&shared, &sub, &channel, delivery).await;
+                    drop(guard);
                 });
             }
             Some(Err(e)) => {
@@ -258,9 +260,7 @@ pub(crate) async fn run_consumer(
     }
     if !shared.is_shutting_down() {
         // Cancelled by the broker (queue deleted?) or channel closed: rebuild everything.
-        if let Some(link) = shared.link() {
-            shared.report(&link, "a consumer stopped", true);
-        }
+        shared.consumer_stopped(generation);
     }
 }
 

@@ -7,7 +7,7 @@
 //! which closes it and reconnects with backoff (100 ms doubling to 5 s).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -44,7 +44,9 @@ pub(crate) struct Shared {
     /// Asks the manager to look at the link now.
     wake: Notify,
     shutdown_tx: watch::Sender<bool>,
-    pub(crate) in_flight: InFlight,
+    in_flight: InFlight,
+    /// Bumped on every connection; consumers report failures only for their own.
+    generation: AtomicU64,
     manager: Mutex<Option<JoinHandle<()>>>,
     /// `outrider_broker_published_total{target}` handles, by event or queue name.
     published: HashMap<String, IntCounter>,
@@ -56,6 +58,7 @@ pub(crate) struct Link {
     pub(crate) publisher: Channel,
     consumers: Vec<(Channel, ShortString)>,
     broken: Mutex<Option<String>>,
+    generation: u64,
 }
 
 impl Link {
@@ -110,6 +113,7 @@ impl Shared {
             wake: Notify::new(),
             shutdown_tx,
             in_flight: InFlight::default(),
+            generation: AtomicU64::new(0),
             manager: Mutex::new(None),
             published,
         });
@@ -175,6 +179,22 @@ impl Shared {
         }
     }
 
+    /// Counts a delivery as in progress until the guard drops (taken before it is spawned, so
+    /// shutdown never misses one).
+    pub(crate) fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.in_flight.count.fetch_add(1, Ordering::SeqCst);
+        InFlightGuard(self.clone())
+    }
+
+    /// A consumer of connection `generation` stopped: rebuild, if that is still the live one.
+    pub(crate) fn consumer_stopped(&self, generation: u64) {
+        if let Some(link) = self.link()
+            && link.generation == generation
+        {
+            self.report(&link, "a consumer stopped", true);
+        }
+    }
+
     pub(crate) fn is_shutting_down(&self) -> bool {
         *self.shutdown_tx.borrow()
     }
@@ -207,14 +227,10 @@ pub(crate) struct InFlight {
     idle: Notify,
 }
 
-pub(crate) struct InFlightGuard<'a>(&'a InFlight);
+/// One delivery in progress; dropping it ends it.
+pub(crate) struct InFlightGuard(Arc<Shared>);
 
 impl InFlight {
-    pub(crate) fn enter(&self) -> InFlightGuard<'_> {
-        self.count.fetch_add(1, Ordering::SeqCst);
-        InFlightGuard(self)
-    }
-
     async fn wait_idle(&self) {
         loop {
             let notified = self.idle.notified();
@@ -228,10 +244,11 @@ impl InFlight {
     }
 }
 
-impl Drop for InFlightGuard<'_> {
+impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.idle.notify_waiters();
+        let in_flight = &self.0.in_flight;
+        if in_flight.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            in_flight.idle.notify_waiters();
         }
     }
 }
@@ -244,7 +261,11 @@ async fn manage(shared: Arc<Shared>) {
         if shared.is_shutting_down() {
             break;
         }
-        match connect(&shared).await {
+        let attempt = tokio::select! {
+            attempt = connect(&shared) => attempt,
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        match attempt {
             Ok((link, events)) => {
                 delay = RECONNECT_MIN;
                 tracing::info!(
@@ -314,13 +335,15 @@ async fn connect(shared: &Arc<Shared>) -> Result<(Arc<Link>, Events), String> {
         .map_err(|_| format!("connect timed out after {CONNECT_TIMEOUT:?}"))?
         .map_err(|e| format!("connect: {e}"))?;
     let events = conn.events_listener().boxed();
-    match setup(shared, &conn).await {
+    let generation = shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
+    match setup(shared, &conn, generation).await {
         Ok((publisher, consumers)) => Ok((
             Arc::new(Link {
                 conn,
                 publisher,
                 consumers,
                 broken: Mutex::new(None),
+                generation,
             }),
             events,
         )),
@@ -339,6 +362,7 @@ async fn connect(shared: &Arc<Shared>) -> Result<(Arc<Link>, Events), String> {
 async fn setup(
     shared: &Arc<Shared>,
     conn: &Connection,
+    generation: u64,
 ) -> Result<(Channel, Vec<(Channel, ShortString)>), String> {
     let s = &shared.settings;
     let ch = conn
@@ -383,6 +407,7 @@ async fn setup(
             sub.clone(),
             channel,
             consumer,
+            generation,
         ));
     }
     Ok((publisher, consumers))
