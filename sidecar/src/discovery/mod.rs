@@ -584,8 +584,11 @@ fn evict_idle(targets: &mut HashMap<(String, String), Entry>) -> Vec<Entry> {
 struct GaugeBook {
     metrics: Arc<Metrics>,
     /// service → namespace → (target id, endpoints).
-    counts: Mutex<HashMap<String, HashMap<String, (u64, usize)>>>,
+    counts: Mutex<HashMap<String, PerNamespace>>,
 }
+
+/// namespace → (id of the current target, its endpoint count).
+type PerNamespace = HashMap<String, (u64, usize)>;
 
 impl GaugeBook {
     /// Counts `target` from now on, following its watch until its source stops.
