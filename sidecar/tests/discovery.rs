@@ -632,3 +632,29 @@ async fn dropping_the_target_stops_resolving() {
     assert!(closed.is_ok(), "resolver task still running");
     gauge_is(&metrics, "x", None).await;
 }
+
+/// No nameservers configured: the system resolver (`/etc/resolv.conf`, and `/etc/hosts`).
+#[tokio::test]
+async fn without_nameservers_the_system_resolver_is_used() {
+    let text = "service: tester
+namespace: demo
+app: 127.0.0.1:8080
+tls: { mode: disabled }
+discovery:
+  services:
+    local: { dns: \"localhost:8080\" }
+";
+    let config = match config::load_str(text, "test.yaml", Path::new("."), Vec::new()) {
+        Ok(loaded) => loaded.config,
+        Err(e) => panic!("test config invalid: {:?}", e.lines()),
+    };
+    let d = Discovery::new(&config, Arc::new(Metrics::new()));
+    let local = d.lookup("local", None).expect("listed");
+    let mut rx = local.endpoints();
+    let r = wait_until(&mut rx, 5 * SECOND, "localhost resolved", |r| {
+        !matches!(r, Resolution::Pending)
+    })
+    .await;
+    let want: SocketAddr = "127.0.0.1:8080".parse().expect("valid");
+    assert!(r.endpoints().contains(&want), "{r:?}");
+}

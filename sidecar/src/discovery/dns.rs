@@ -189,7 +189,7 @@ impl<L: Lookup> Refresh<L> {
                 }
                 Err(err) => {
                     failures = failures.saturating_add(1);
-                    self.failed(&err, &mut stale_since);
+                    self.failed(&err, &mut stale_since, failures);
                     let backoff = self.timing.backoff(failures);
                     match self.stale_deadline(stale_since) {
                         Some(deadline) => {
@@ -247,9 +247,10 @@ impl<L: Lookup> Refresh<L> {
         self.timing.refresh_after(answer.ttl)
     }
 
-    /// Records a failed lookup: counted and logged every time; the set in force is kept while
-    /// it is within `stale_for`, otherwise the source is `Unavailable`.
-    fn failed(&self, err: &LookupError, stale_since: &mut Option<Instant>) {
+    /// Records a failed lookup: counted every time, logged at warn for the first failure of a
+    /// streak (retries log at debug, so an outage does not flood the log); the set in force is
+    /// kept while it is within `stale_for`, otherwise the source is `Unavailable`.
+    fn failed(&self, err: &LookupError, stale_since: &mut Option<Instant>, streak: u32) {
         self.errors.inc();
         let message = err.to_string();
         let serving = matches!(*self.tx.borrow(), Resolution::Ready(_));
@@ -263,14 +264,24 @@ impl<L: Lookup> Refresh<L> {
         if serving {
             let since = *stale_since.get_or_insert_with(Instant::now);
             let left = self.timing.stale_for.saturating_sub(since.elapsed());
-            tracing::warn!(service = %self.service, source = %self.description, error = %message,
-                stale_for_left = ?left, "discovery lookup failed; keeping the last known endpoints");
+            if streak == 1 {
+                tracing::warn!(service = %self.service, source = %self.description, error = %message,
+                    stale_for_left = ?left, "discovery lookup failed; keeping the last known endpoints");
+            } else {
+                tracing::debug!(service = %self.service, error = %message, failures = streak,
+                    stale_for_left = ?left, "discovery lookup failed again");
+            }
             if left.is_zero() {
                 self.expire();
             }
         } else {
-            tracing::warn!(service = %self.service, source = %self.description, error = %message,
-                "discovery lookup failed; service unavailable");
+            if streak == 1 {
+                tracing::warn!(service = %self.service, source = %self.description, error = %message,
+                    "discovery lookup failed; service unavailable");
+            } else {
+                tracing::debug!(service = %self.service, error = %message, failures = streak,
+                    "discovery lookup failed again");
+            }
             self.tx.send_if_modified(|current| {
                 let new = Resolution::Unavailable(message.clone());
                 let changed = *current != new;
