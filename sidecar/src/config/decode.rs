@@ -69,10 +69,6 @@ impl Problems {
         });
     }
 
-    pub fn has_errors(&self) -> bool {
-        !self.errors.borrow().is_empty()
-    }
-
     /// Errors sorted by position, duplicates removed (merged policy trees can repeat one).
     pub fn into_parts(self) -> (Vec<Problem>, Vec<Problem>) {
         let mut errors = self.errors.into_inner();
@@ -151,10 +147,6 @@ impl<'a> Fields<'a> {
             p.error(self.node, &join(&self.path, key), "required key is missing");
         }
         found
-    }
-
-    pub fn entries(&self) -> &'a [(String, Pos, Node)] {
-        self.entries
     }
 }
 
