@@ -99,29 +99,9 @@ fn route(admin: &Admin, remote: SocketAddr, req: Request<Incoming>) -> Response<
             }
         }
         (&Method::GET, "/endpoints") => {
-            let services: Vec<serde_json::Value> = admin
-                .shared
-                .discovery
-                .snapshot()
-                .into_iter()
-                .map(|(service, namespace, source, state)| {
-                    let (state, endpoints, error) = match state {
-                        crate::discovery::Resolution::Pending => ("pending", vec![], None),
-                        crate::discovery::Resolution::Ready(addrs) => (
-                            "ready",
-                            addrs.iter().map(ToString::to_string).collect(),
-                            None,
-                        ),
-                        crate::discovery::Resolution::Unavailable(e) => {
-                            ("unavailable", vec![], Some(e))
-                        }
-                    };
-                    serde_json::json!({
-                        "service": service, "namespace": namespace, "source": source,
-                        "state": state, "endpoints": endpoints, "error": error,
-                    })
-                })
-                .collect();
+            // One entry per known service: source, state (pending/ready/stale/unavailable),
+            // endpoints, last error; see docs/discovery.md.
+            let services = admin.shared.discovery.snapshot();
             json(StatusCode::OK, &serde_json::json!({ "services": services }))
         }
         (&Method::POST, "/shutdown") => {
