@@ -658,3 +658,162 @@ discovery:
     let want: SocketAddr = "127.0.0.1:8080".parse().expect("valid");
     assert!(r.endpoints().contains(&want), "{r:?}");
 }
+
+/// A free loopback port (bound and released: a tiny race, fine on a test machine).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// An HTTP backend on `ip:port` that answers every request with its `name`.
+async fn backend(ip: [u8; 4], port: u16, name: &'static str) -> JoinHandle<()> {
+    let listener = TcpListener::bind(SocketAddr::from((ip, port)))
+        .await
+        .expect("bind backend");
+    let app = axum::Router::new().fallback(move || async move { name });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    })
+}
+
+/// Kills the sidecar when the test ends, pass or fail.
+struct Sidecar(tokio::process::Child);
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+type Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Empty<bytes::Bytes>,
+>;
+
+/// GET `http://{addr}{path}` with `Host: {host}`: (status, body).
+async fn get(client: &Client, addr: SocketAddr, host: &str, path: &str) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let req = http::Request::get(format!("http://{addr}{path}"))
+        .header(http::header::HOST, host)
+        .body(http_body_util::Empty::new())
+        .expect("valid request");
+    match client.request(req).await {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            let body = match resp.into_body().collect().await {
+                Ok(b) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
+                Err(e) => format!("body error: {e}"),
+            };
+            (status, body)
+        }
+        Err(e) => (0, format!("client error: {e}")),
+    }
+}
+
+/// Through a running `outrider run`: DNS moves `web` from one backend to another (TTL 1 s) and
+/// traffic follows within a few seconds, with no failed request; `/endpoints` and the gauge
+/// tell the truth.
+#[tokio::test]
+async fn traffic_follows_dns_changes_through_the_proxy_without_failures() {
+    let dns = DnsServer::start().await;
+    let port = free_port();
+    let _a = backend([127, 0, 0, 10], port, "a").await;
+    let _b = backend([127, 0, 0, 11], port, "b").await;
+    dns.set_a("web.mesh.test.", 1, &[[127, 0, 0, 10]]).await;
+
+    let (outbound, inbound, admin) = (free_port(), free_port(), free_port());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("outrider.yaml");
+    let yaml = format!(
+        "service: tester
+namespace: demo
+app: 127.0.0.1:9
+listen: {{ outbound: 127.0.0.1:{outbound}, inbound: 127.0.0.1:{inbound}, admin: 127.0.0.1:{admin} }}
+tls: {{ mode: disabled }}
+discovery:
+  resolver: {{ nameservers: [\"{dns}\"], min_ttl: 1s, max_ttl: 2s, stale_for: 10s, timeout: 500ms }}
+  services:
+    web: {{ dns: \"web.mesh.test:{port}\" }}
+",
+        dns = dns.addr
+    );
+    std::fs::write(&path, yaml).expect("write config");
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_outrider"))
+        .args(["--log-level", "warn", "--log-format", "text", "run", "-c"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start outrider");
+    let _sidecar = Sidecar(child);
+
+    let client: Client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
+    let out_addr = SocketAddr::from(([127, 0, 0, 1], outbound));
+    let mut up = false;
+    for _ in 0..100 {
+        if get(&client, admin_addr, "localhost", "/ready").await.0 == 200 {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "sidecar did not become ready");
+
+    // Steady traffic: every answer must be 200 from a backend.
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        seen.push(get(&client, out_addr, "web", "/").await);
+    }
+    assert!(
+        seen.iter().all(|r| *r == (200, "a".to_string())),
+        "{seen:?}"
+    );
+
+    dns.set_a("web.mesh.test.", 1, &[[127, 0, 0, 11]]).await;
+    let switched = tokio::time::Instant::now();
+    let mut moved = None;
+    while switched.elapsed() < 8 * SECOND {
+        let r = get(&client, out_addr, "web", "/").await;
+        let is_b = r == (200, "b".to_string());
+        seen.push(r);
+        if is_b && moved.is_none() {
+            moved = Some(switched.elapsed());
+        }
+        if moved.is_some_and(|m| switched.elapsed() > m + SECOND) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let failed: Vec<_> = seen.iter().filter(|(status, _)| *status != 200).collect();
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    let moved = moved.expect("traffic moved to b within 8 s");
+    assert!(moved <= 4 * SECOND, "moved after {moved:?}");
+    // Once moved, it stays moved.
+    let tail: Vec<_> = seen.iter().rev().take(5).collect();
+    assert!(tail.iter().all(|r| r.1 == "b"), "{tail:?}");
+
+    let (status, body) = get(&client, admin_addr, "localhost", "/endpoints").await;
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let web = json["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|v| v["service"] == "web"))
+        .expect("web in /endpoints")
+        .clone();
+    assert_eq!(web["state"], "ready", "{web}");
+    assert_eq!(web["source"], format!("dns:web.mesh.test:{port}"));
+    assert_eq!(
+        web["endpoints"],
+        serde_json::json!([format!("127.0.0.11:{port}")])
+    );
+    let (_, metrics) = get(&client, admin_addr, "localhost", "/metrics").await;
+    assert!(
+        metrics.contains("outrider_endpoints{service=\"web\"} 1"),
+        "{metrics}"
+    );
+}
