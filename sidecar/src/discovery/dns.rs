@@ -181,6 +181,10 @@ impl<L: Lookup> Refresh<L> {
                     }
                 }
             };
+            let result = match result {
+                Ok(answer) => self.accept_partial(answer),
+                Err(e) => Err(e),
+            };
             let wait = match result {
                 Ok(answer) => {
                     failures = 0;
@@ -217,6 +221,26 @@ impl<L: Lookup> Refresh<L> {
     fn stale_deadline(&self, stale_since: Option<Instant>) -> Option<Instant> {
         let since = stale_since?;
         matches!(*self.tx.borrow(), Resolution::Ready(_)).then(|| since + self.timing.stale_for)
+    }
+
+    /// A partial answer (one family failed) is taken only when the set in force has no address
+    /// of that family, so a resolver that never answers AAAA still works, while a flaky one
+    /// never drops half of a dual-stack set (that case is a failed lookup: stale-while-error).
+    fn accept_partial(&self, answer: Answer) -> Result<Answer, LookupError> {
+        let Some(partial) = &answer.partial else {
+            return Ok(answer);
+        };
+        let serving_family = self
+            .tx
+            .borrow()
+            .endpoints()
+            .iter()
+            .any(|e| e.is_ipv6() == partial.ipv6);
+        if serving_family {
+            return Err(partial.error.clone());
+        }
+        tracing::debug!(service = %self.service, error = %partial.error, "one address family failed; using the other");
+        Ok(answer)
     }
 
     /// Publishes a good answer (sorted, deduplicated, so watchers can diff sets) and returns how
@@ -316,6 +340,7 @@ fn far_future() -> Instant {
 
 #[cfg(test)]
 mod tests {
+    use super::super::resolver::Partial;
     use super::*;
     use std::collections::VecDeque;
 
@@ -344,6 +369,21 @@ mod tests {
         Ok(Answer {
             endpoints: addrs.iter().filter_map(|a| a.parse().ok()).collect(),
             ttl: Duration::from_secs(ttl),
+            partial: None,
+        })
+    }
+
+    /// An answer whose AAAA query failed.
+    fn v4_only(addrs: &[&str], ttl: u64) -> Result<Answer, LookupError> {
+        ok(addrs, ttl).map(|a| Answer {
+            partial: Some(Partial {
+                ipv6: true,
+                error: LookupError::Resolver {
+                    name: "svc.test".into(),
+                    reason: "AAAA timed out".into(),
+                },
+            }),
+            ..a
         })
     }
 
@@ -454,6 +494,28 @@ mod tests {
         assert!(matches!(next(&mut rx).await, Resolution::Unavailable(_)));
         assert_eq!(next(&mut rx).await, addrs(&["10.0.0.9:80"]));
         assert_eq!(s.status().last_error, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_family_is_tolerated_only_if_not_in_use() {
+        // v4-only service behind a resolver that never answers AAAA: works.
+        let (s, errors) = source(vec![v4_only(&["10.0.0.1:80"], 1)]);
+        let mut rx = s.watch();
+        assert_eq!(next(&mut rx).await, addrs(&["10.0.0.1:80"]));
+        assert_eq!(errors.get(), 0);
+        drop(s);
+
+        // Dual-stack set, then AAAA fails: the whole set is kept (stale), not halved.
+        let (s, errors) = source(vec![
+            ok(&["10.0.0.1:80", "[fd00::1]:80"], 1),
+            v4_only(&["10.0.0.1:80"], 1),
+        ]);
+        let mut rx = s.watch();
+        assert_eq!(next(&mut rx).await, addrs(&["10.0.0.1:80", "[fd00::1]:80"]));
+        sleep(Duration::from_secs(3)).await;
+        assert_eq!(*rx.borrow(), addrs(&["10.0.0.1:80", "[fd00::1]:80"]));
+        assert!(errors.get() >= 1);
+        assert!(s.status().stale_since.is_some());
     }
 
     #[tokio::test(start_paused = true)]

@@ -35,7 +35,7 @@ use crate::metrics::Metrics;
 
 pub use authority::{expand_template, parse_authority};
 pub use dns::{HostLookup, Lookup, RefreshingSource, SrvLookup, Timing};
-pub use resolver::{Answer, DnsResolver, LookupError};
+pub use resolver::{Answer, DnsResolver, LookupError, Partial};
 
 /// Dynamic (`default_dns`) targets nobody looked up for this long, and nobody holds, are
 /// dropped, so an app that calls many one-off names does not keep a resolver task per name.

@@ -25,6 +25,18 @@ use crate::config;
 pub struct Answer {
     pub endpoints: Vec<SocketAddr>,
     pub ttl: Duration,
+    /// Set when one address family's query failed (not "no records") while the other answered.
+    /// The refresh loop accepts such an answer only if the set in force has no address of the
+    /// failed family: resolvers that never answer AAAA still work, and a flaky one never drops
+    /// half of a dual-stack set.
+    pub partial: Option<Partial>,
+}
+
+/// The family whose query failed in a partial answer, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partial {
+    pub ipv6: bool,
+    pub error: LookupError,
 }
 
 /// Why a lookup failed. Every kind keeps the last known endpoints for `stale_for`.
@@ -110,6 +122,7 @@ impl DnsResolver {
             return Ok(Answer {
                 endpoints: vec![SocketAddr::new(ip, port)],
                 ttl: self.settings.max_ttl,
+                partial: None,
             });
         }
         let resolver = self.get()?;
@@ -147,6 +160,7 @@ impl DnsResolver {
             return Ok(Answer {
                 endpoints: Vec::new(),
                 ttl: Duration::from_secs(ttl.into()),
+                partial: None,
             });
         }
         records.sort_by_key(|r| r.0);
@@ -172,11 +186,13 @@ impl DnsResolver {
                 .await;
                 let mut endpoints = Vec::new();
                 let mut tier_ttl = Duration::from_secs(ttl.into());
+                let mut partial = None;
                 for answer in answers {
                     match answer {
                         Ok(a) => {
                             endpoints.extend(a.endpoints);
                             tier_ttl = tier_ttl.min(a.ttl);
+                            partial = partial.or(a.partial);
                         }
                         // A target that is gone is skipped; a resolver failure fails the
                         // whole lookup, so a flaky resolver never shrinks the set.
@@ -188,6 +204,7 @@ impl DnsResolver {
                     return Ok(Answer {
                         endpoints,
                         ttl: tier_ttl,
+                        partial,
                     });
                 }
             }
@@ -206,8 +223,8 @@ fn parse_name(text: &str) -> Result<Name, LookupError> {
     })
 }
 
-/// A and AAAA in parallel. A name with only one family is fine; a failure of either query fails
-/// the lookup, so a half-answering resolver never drops the other family's endpoints.
+/// A and AAAA in parallel. A name with only one family is fine. When one query fails (not "no
+/// records") and the other answers, the answer is marked [`Partial`] for the refresh loop.
 async fn lookup_addrs(
     resolver: &TokioResolver,
     name: &Name,
@@ -221,8 +238,9 @@ async fn lookup_addrs(
     .await;
     let mut endpoints = Vec::new();
     let mut ttl = u32::MAX;
-    let mut errors = Vec::new();
-    for (result, kind) in [(a, "A"), (aaaa, "AAAA")] {
+    let mut negative = Vec::new();
+    let mut failed: Option<Partial> = None;
+    for (result, kind, ipv6) in [(a, "A", false), (aaaa, "AAAA", true)] {
         match result {
             Ok(lookup) => {
                 for record in lookup.answers() {
@@ -235,18 +253,25 @@ async fn lookup_addrs(
                     endpoints.push(SocketAddr::new(ip, port));
                 }
             }
-            Err(e) => errors.push(LookupError::from_net(shown, kind, &e)),
+            Err(e) => {
+                let error = LookupError::from_net(shown, kind, &e);
+                if error.is_negative() {
+                    negative.push(error);
+                } else if failed.is_none() {
+                    failed = Some(Partial { ipv6, error });
+                }
+            }
         }
     }
-    if let Some(failure) = errors.iter().find(|e| !e.is_negative()) {
-        return Err(failure.clone());
-    }
     if endpoints.is_empty() {
+        if let Some(failure) = failed {
+            return Err(failure.error);
+        }
         // Both families negative: NXDOMAIN wins over NODATA as the clearer message.
-        return Err(errors
+        return Err(negative
             .iter()
             .find(|e| matches!(e, LookupError::NxDomain { .. }))
-            .or(errors.first())
+            .or(negative.first())
             .cloned()
             .unwrap_or(LookupError::NoRecords {
                 name: shown.to_string(),
@@ -256,6 +281,7 @@ async fn lookup_addrs(
     Ok(Answer {
         endpoints,
         ttl: Duration::from_secs(ttl.into()),
+        partial: failed,
     })
 }
 
