@@ -697,3 +697,133 @@ async fn h2_to_http1_app_is_refused_cleanly_when_app_is_down() {
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["x-outrider-error"], "unavailable");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_endpoints_and_access_log() {
+    let pki = Pki::new();
+    let app = apps::http_app("users").await;
+    let pair = Pair::start(&pki, "user-service", app.addr, "access_log: true\n", "");
+    let r = client()
+        .get(format!("{}/hello?x=1", pair.caller.outbound_url()))
+        .header("host", "user-service")
+        .header("x-correlation-id", "trace-me-7")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 200);
+
+    let c = client();
+    assert_eq!(
+        c.get(pair.caller.admin_url("/live"))
+            .send()
+            .await
+            .expect("live")
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.get(pair.caller.admin_url("/ready"))
+            .send()
+            .await
+            .expect("ready")
+            .status(),
+        200
+    );
+    let config: serde_json::Value = c
+        .get(pair.caller.admin_url("/config"))
+        .send()
+        .await
+        .expect("config")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(config["service"], "web");
+    assert_eq!(config["policies"]["default"]["timeout"], "2s");
+    let text = config.to_string();
+    assert!(!text.contains("PRIVATE KEY"), "no key material in /config");
+    let endpoints: serde_json::Value = c
+        .get(pair.caller.admin_url("/endpoints"))
+        .send()
+        .await
+        .expect("endpoints")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(endpoints["services"][0]["service"], "user-service");
+    assert_eq!(
+        endpoints["services"][0]["endpoints"][0],
+        pair.callee.ports.inbound.to_string()
+    );
+    let denied = c
+        .get(pair.caller.admin_url("/shutdown"))
+        .send()
+        .await
+        .expect("shutdown");
+    assert_eq!(denied.status(), 405, "shutdown needs POST");
+
+    // The access log line carries the correlation id, method, authority, path, status, upstream.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let logs = pair.caller.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("trace-me-7"))
+        .unwrap_or_else(|| panic!("no access log line in:\n{logs}"));
+    let entry: serde_json::Value = serde_json::from_str(line).expect("json log line");
+    assert_eq!(entry["method"], "GET");
+    assert_eq!(entry["authority"], "user-service");
+    assert_eq!(entry["path"], "/hello");
+    assert_eq!(entry["status"], 200);
+    assert_eq!(entry["upstream"], pair.callee.ports.inbound.to_string());
+    assert!(
+        pair.callee.logs().contains("trace-me-7") == false,
+        "callee has no access log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn post_shutdown_drains_and_exits() {
+    let pki = Pki::new();
+    let app = apps::http_app("users").await;
+    let mut pair = Pair::start(&pki, "user-service", app.addr, "", "");
+    let r = client()
+        .post(pair.caller.admin_url("/shutdown"))
+        .send()
+        .await
+        .expect("shutdown");
+    assert_eq!(r.status(), 202);
+    let code = tokio::task::spawn_blocking(move || pair.caller.wait_exit(Duration::from_secs(8)))
+        .await
+        .expect("join");
+    assert_eq!(code, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn environment_overrides_apply_at_run() {
+    let pki = Pki::new();
+    let app = apps::http_app("users").await;
+    let callee_ports = Ports::new();
+    // The file names another app and service; the environment wins.
+    let callee = Sidecar::start_with(
+        &format!(
+            "service: wrong-name\napp: 127.0.0.1:9\n{}",
+            pki.tls_yaml("user-service")
+        ),
+        callee_ports,
+        &[
+            ("OUTRIDER_SERVICE", "user-service"),
+            ("OUTRIDER_APP", &app.addr.to_string()),
+        ],
+    );
+    let caller = Sidecar::start(&format!(
+        "service: web\napp: 127.0.0.1:9\n{}discovery:\n  services:\n    user-service: {{ endpoints: [\"{}\"] }}\n",
+        pki.tls_yaml("web"),
+        callee.ports.inbound
+    ));
+    let r = client()
+        .get(format!("{}/hello", caller.outbound_url()))
+        .header("host", "user-service")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.text().await.expect("body"), "hello from users");
+}

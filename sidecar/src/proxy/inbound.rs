@@ -83,6 +83,8 @@ pub async fn handle(
         return finish(&shared, &peer, started, denied.into_response(grpc));
     }
 
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
     let (mut parts, body) = req.into_parts();
     let correlation_id = ensure_correlation_id(&mut parts.headers);
     let upgrade = is_upgrade_head(parts.version, &parts.headers);
