@@ -129,6 +129,19 @@ pub async fn handle(
                 .into_response(grpc)
         }
     };
+    if config.access_log {
+        tracing::info!(
+            target: "outrider::access",
+            direction = "inbound",
+            correlation_id = correlation_id.to_str().unwrap_or(""),
+            method = %method,
+            path = %path,
+            caller = peer.id.as_deref().unwrap_or("-"),
+            status = response.status().as_u16(),
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            upstream = %config.app,
+        );
+    }
     response
         .headers_mut()
         .insert(CORRELATION_ID, correlation_id);
