@@ -775,7 +775,7 @@ async fn admin_endpoints_and_access_log() {
     assert_eq!(entry["status"], 200);
     assert_eq!(entry["upstream"], pair.callee.ports.inbound.to_string());
     assert!(
-        pair.callee.logs().contains("trace-me-7") == false,
+        !pair.callee.logs().contains("trace-me-7"),
         "callee has no access log"
     );
 }
