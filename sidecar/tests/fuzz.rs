@@ -40,7 +40,11 @@ fn corpus() -> Vec<String> {
 fn load(text: &str) -> Result<config::Loaded, config::LoadError> {
     let started = Instant::now();
     let result = config::load_str(text, "fuzz.yaml", Path::new("/tmp"), Vec::new());
-    assert!(started.elapsed() < HANG_GUARD, "config took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < HANG_GUARD,
+        "config took {:?}",
+        started.elapsed()
+    );
     result
 }
 
@@ -202,11 +206,18 @@ fn seeds_behave_as_labelled() {
     }
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/config");
     let example = std::fs::read_to_string(dir.join("contract-example.yaml")).expect("seed");
-    assert!(load(&example).is_ok(), "the contract's example config is valid");
+    assert!(
+        load(&example).is_ok(),
+        "the contract's example config is valid"
+    );
     let bad = std::fs::read_to_string(dir.join("many-errors.yaml")).expect("seed");
     match load(&bad) {
         Err(config::LoadError::Invalid { problems, .. }) => {
-            assert!(problems.len() >= 15, "{} problems: {problems:#?}", problems.len())
+            assert!(
+                problems.len() >= 15,
+                "{} problems: {problems:#?}",
+                problems.len()
+            )
         }
         other => panic!("expected problems, got {other:?}"),
     }

@@ -123,6 +123,11 @@ pub async fn handle(
                 Response::from_parts(parts, boxed(body))
             }
         }
+        Err(error) if error.client_body_failed() => ProxyError::new(
+            ErrorKind::BadRequest,
+            "the request body was malformed or cut short",
+        )
+        .into_response(grpc),
         Err(error) => {
             tracing::warn!(%error, "the local app is unreachable");
             ProxyError::new(ErrorKind::Unavailable, "the service's app is unreachable")
