@@ -83,6 +83,8 @@ pub async fn handle(
         return finish(&shared, &peer, started, denied.into_response(grpc));
     }
 
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
     let (mut parts, body) = req.into_parts();
     let correlation_id = ensure_correlation_id(&mut parts.headers);
     let upgrade = is_upgrade_head(parts.version, &parts.headers);
@@ -121,12 +123,30 @@ pub async fn handle(
                 Response::from_parts(parts, boxed(body))
             }
         }
+        Err(error) if error.client_body_failed() => ProxyError::new(
+            ErrorKind::BadRequest,
+            "the request body was malformed or cut short",
+        )
+        .into_response(grpc),
         Err(error) => {
             tracing::warn!(%error, "the local app is unreachable");
             ProxyError::new(ErrorKind::Unavailable, "the service's app is unreachable")
                 .into_response(grpc)
         }
     };
+    if config.access_log {
+        tracing::info!(
+            target: "outrider::access",
+            direction = "inbound",
+            correlation_id = correlation_id.to_str().unwrap_or(""),
+            method = %method,
+            path = %path,
+            caller = peer.id.as_deref().unwrap_or("-"),
+            status = response.status().as_u16(),
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            upstream = %config.app,
+        );
+    }
     response
         .headers_mut()
         .insert(CORRELATION_ID, correlation_id);

@@ -41,6 +41,9 @@ pub struct Upstream {
     pub balancer: Arc<Balancer>,
 }
 
+/// A service name and the namespace its authority named, if any.
+type UpstreamKey = (String, Option<String>);
+
 /// State shared by every listener of one sidecar.
 pub struct Shared {
     pub config: ArcSwap<Config>,
@@ -50,7 +53,7 @@ pub struct Shared {
     pub local_api: Option<Arc<dyn LocalApi>>,
     /// The connections to the local app (inbound side).
     pub app: EndpointPool,
-    upstreams: RwLock<HashMap<(String, Option<String>), Arc<Upstream>>>,
+    upstreams: RwLock<HashMap<UpstreamKey, Arc<Upstream>>>,
 }
 
 impl Shared {

@@ -233,6 +233,14 @@ async fn forward(
             strip_hop_by_hop(&mut parts.headers, false);
             Ok((Response::from_parts(parts, boxed(body)), endpoint.addr))
         }
+        Err(error) if error.client_body_failed() => {
+            // Not the endpoint's fault: no outlier penalty.
+            in_flight.finish(true, &policy.outlier);
+            Err(ProxyError::new(
+                ErrorKind::BadRequest,
+                "the request body was malformed or cut short",
+            ))
+        }
         Err(error) => {
             in_flight.finish(false, &policy.outlier);
             tracing::debug!(%error, service = %upstream.target.service, "upstream request failed");

@@ -62,6 +62,12 @@ impl SendError {
     pub fn never_sent(&self) -> bool {
         matches!(self, SendError::Connect(_))
     }
+
+    /// True when the exchange failed because the client's own request body failed (malformed
+    /// chunked encoding, a client that went away): the client's fault, not the upstream's.
+    pub fn client_body_failed(&self) -> bool {
+        matches!(self, SendError::Http(_, e) if e.is_user() || e.is_body_write_aborted())
+    }
 }
 
 /// A TCP or TLS stream to an upstream.
