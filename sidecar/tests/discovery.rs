@@ -678,12 +678,12 @@ async fn backend(ip: [u8; 4], port: u16, name: &'static str) -> JoinHandle<()> {
     })
 }
 
-/// Kills the sidecar when the test ends, pass or fail.
-struct Sidecar(tokio::process::Child);
+/// Stops the in-process sidecar when the test ends, pass or fail.
+struct Sidecar(JoinHandle<()>);
 
 impl Drop for Sidecar {
     fn drop(&mut self) {
-        let _ = self.0.start_kill();
+        self.0.abort();
     }
 }
 
@@ -712,7 +712,7 @@ async fn get(client: &Client, addr: SocketAddr, host: &str, path: &str) -> (u16,
     }
 }
 
-/// Through a running `outrider run`: DNS moves `web` from one backend to another (TTL 1 s) and
+/// Through a running sidecar (`outrider run`, in process): DNS moves `web` from one backend to another (TTL 1 s) and
 /// traffic follows within a few seconds, with no failed request; `/endpoints` and the gauge
 /// tell the truth.
 #[tokio::test]
@@ -740,14 +740,14 @@ discovery:
         dns = dns.addr
     );
     std::fs::write(&path, yaml).expect("write config");
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_outrider"))
-        .args(["--log-level", "warn", "--log-format", "text", "run", "-c"])
-        .arg(&path)
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start outrider");
-    let _sidecar = Sidecar(child);
+    // In process (the same code as `outrider run`): a shared target directory may hold
+    // another branch's binary.
+    let loaded = config::load_file(&path, Vec::new()).expect("valid config");
+    let _sidecar = Sidecar(tokio::spawn(async move {
+        if let Err(e) = outrider::runtime::run(path, loaded.config).await {
+            panic!("sidecar failed: {e:?}");
+        }
+    }));
 
     let client: Client =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
