@@ -513,9 +513,10 @@ async fn default_dns_resolves_unlisted_services_in_our_or_the_named_namespace() 
     );
 
     // `user-service`: this sidecar's namespace.
-    let (service, ns) =
-        outrider::discovery::parse_authority("user-service:80").expect("service name");
-    let own = d.lookup(&service, ns.as_deref()).expect("default_dns");
+    let name = outrider::proxy::route::parse_authority("user-service:80").expect("service name");
+    let own = d
+        .lookup(&name.service, name.namespace.as_deref())
+        .expect("default_dns");
     assert_eq!(own.namespace, "demo");
     assert_eq!(own.identity, "spiffe://mesh.local/ns/demo/sa/user-service");
     assert_eq!(
@@ -525,10 +526,11 @@ async fn default_dns_resolves_unlisted_services_in_our_or_the_named_namespace() 
     ready(&own, 5 * SECOND, &addrs(&["127.0.0.30:7143"])).await;
 
     // `user-service.other.svc.cluster.local`: the namespace the authority named.
-    let (service, ns) =
-        outrider::discovery::parse_authority("user-service.other.svc.cluster.local")
-            .expect("service name");
-    let other = d.lookup(&service, ns.as_deref()).expect("default_dns");
+    let name = outrider::proxy::route::parse_authority("user-service.other.svc.cluster.local")
+        .expect("service name");
+    let other = d
+        .lookup(&name.service, name.namespace.as_deref())
+        .expect("default_dns");
     assert_eq!(other.namespace, "other");
     assert_eq!(
         other.identity,

@@ -6,7 +6,7 @@
 //! proxy never knows where endpoints come from.
 //!
 //! The proxy asks [`Discovery::lookup`] for a service by name (and the namespace the authority
-//! named, see [`parse_authority`]) and gets a [`ServiceTarget`]: the endpoint watch plus how to
+//! named, see `proxy::route::parse_authority`) and gets a [`ServiceTarget`]: the endpoint watch plus how to
 //! talk to it (mTLS or not, which identity the upstream must present). DNS resolution is lazy:
 //! it starts on the first lookup of a service, and its task lives as long as the target.
 //!
@@ -33,7 +33,7 @@ use tokio::sync::watch;
 use crate::config::{self, EndpointSource};
 use crate::metrics::Metrics;
 
-pub use authority::{expand_template, parse_authority};
+pub use authority::expand_template;
 pub use dns::{HostLookup, Lookup, RefreshingSource, SrvLookup, Timing};
 pub use resolver::{Answer, DnsResolver, LookupError, Partial};
 

@@ -82,8 +82,8 @@ pub async fn handle(
             ),
         );
     };
-    let Some(upstream) = shared.upstream(name.service, name.namespace) else {
-        let service = name.service.to_owned();
+    let Some(upstream) = shared.upstream(&name.service, name.namespace.as_deref()) else {
+        let service = name.service.into_owned();
         return finish_error(
             &shared,
             &service,
@@ -91,7 +91,7 @@ pub async fn handle(
             grpc,
             ProxyError::new(
                 ErrorKind::UnknownService,
-                format!("unknown service `{}`", name.service),
+                format!("unknown service `{service}`"),
             ),
         );
     };
@@ -278,7 +278,7 @@ fn connect(shared: Arc<Shared>, listener: SocketAddr, req: Request<Incoming>) ->
     };
     if !is_local(&target, listener) {
         let known = parse_authority(&target)
-            .and_then(|n| shared.upstream(n.service, n.namespace))
+            .and_then(|n| shared.upstream(&n.service, n.namespace.as_deref()))
             .is_some();
         if !known {
             return ProxyError::new(
