@@ -36,17 +36,20 @@ pub enum InputError {
 
 /// Injects every opted-in pod template in `text`.
 pub fn inject_manifests(text: &str, settings: &Settings) -> Result<Output, InputError> {
-    let mut docs: Vec<Value> =
-        serde_saphyr::from_multiple(text).map_err(|e| InputError::Yaml(one_line(&e.to_string())))?;
+    let mut docs: Vec<Value> = serde_saphyr::from_multiple(text)
+        .map_err(|e| InputError::Yaml(one_line(&e.to_string())))?;
     let mut reports = Vec::new();
     for (index, doc) in docs.iter_mut().enumerate() {
         visit(doc, index + 1, settings, &mut reports)?;
     }
-    let yaml = match docs.as_slice() {
+    let mut yaml = match docs.as_slice() {
         [] => String::new(),
         docs => serde_saphyr::to_string_multiple(docs)
             .map_err(|e| InputError::Write(one_line(&e.to_string())))?,
     };
+    if !yaml.is_empty() && !yaml.ends_with('\n') {
+        yaml.push('\n');
+    }
     Ok(Output { yaml, reports })
 }
 
@@ -71,7 +74,7 @@ fn visit(
         resource: resource.clone(),
         reason,
     };
-    if kind == "List" || kind.ends_with("List") && api_version == "v1" {
+    if kind == "List" || (kind.ends_with("List") && api_version == "v1") {
         let Some(items) = doc.get_mut("items").and_then(Value::as_array_mut) else {
             return Err(fail("a List needs an `items` array".into()));
         };
@@ -179,11 +182,15 @@ spec:
 
     #[test]
     fn injects_templates_and_reports_each_resource() {
-        let input = format!("{DEPLOYMENT}---\napiVersion: v1\nkind: Service\nmetadata: {{ name: web }}\n");
+        let input =
+            format!("{DEPLOYMENT}---\napiVersion: v1\nkind: Service\nmetadata: {{ name: web }}\n");
         let out = inject_manifests(&input, &settings()).expect("valid");
         assert_eq!(
             out.reports,
-            ["deployment/web: injected", "service/web: skipped: Service has no pod template"]
+            [
+                "deployment/web: injected",
+                "service/web: skipped: Service has no pod template"
+            ]
         );
         let docs: Vec<Value> = serde_saphyr::from_multiple(&out.yaml).expect("yaml");
         assert_eq!(docs.len(), 2);
@@ -196,7 +203,10 @@ spec:
         );
         let again = inject_manifests(&out.yaml, &settings()).expect("valid");
         assert_eq!(again.yaml, out.yaml);
-        assert_eq!(again.reports[0], "deployment/web: skipped: already injected");
+        assert_eq!(
+            again.reports[0],
+            "deployment/web: skipped: already injected"
+        );
     }
 
     #[test]
@@ -211,7 +221,9 @@ spec:
             ),
         ];
         for (input, want) in cases {
-            let err = inject_manifests(input, &settings()).expect_err(input).to_string();
+            let err = inject_manifests(input, &settings())
+                .expect_err(input)
+                .to_string();
             assert!(err.starts_with(want), "{input:?}: {err}");
         }
     }

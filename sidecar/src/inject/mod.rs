@@ -166,9 +166,27 @@ mod tests {
     #[test]
     fn versions_parse_leniently_and_compare() {
         let v = |s: &str| s.parse::<K8sVersion>().expect(s);
-        assert_eq!(v("1.29"), K8sVersion { major: 1, minor: 29 });
-        assert_eq!(v("v1.28.3"), K8sVersion { major: 1, minor: 28 });
-        assert_eq!(v("1.30-eks"), K8sVersion { major: 1, minor: 30 });
+        assert_eq!(
+            v("1.29"),
+            K8sVersion {
+                major: 1,
+                minor: 29
+            }
+        );
+        assert_eq!(
+            v("v1.28.3"),
+            K8sVersion {
+                major: 1,
+                minor: 28
+            }
+        );
+        assert_eq!(
+            v("1.30-eks"),
+            K8sVersion {
+                major: 1,
+                minor: 30
+            }
+        );
         assert!(v("1.28") < v("1.29") && v("1.33") > v("1.29"));
         for bad in ["", "1", "one.two", "1.x"] {
             assert!(bad.parse::<K8sVersion>().is_err(), "{bad}");

@@ -33,7 +33,10 @@ const BINARY: &str = "/usr/local/bin/outrider";
 /// How long a sidecar may take to become ready: the startupProbe allows this many 1 s periods.
 const STARTUP_SECONDS: i32 = 120;
 /// Native sidecars (init containers with `restartPolicy: Always`) are on by default from 1.29.
-const NATIVE_SIDECAR_SINCE: K8sVersion = K8sVersion { major: 1, minor: 29 };
+const NATIVE_SIDECAR_SINCE: K8sVersion = K8sVersion {
+    major: 1,
+    minor: 29,
+};
 /// The apps reach other services through the sidecar; local addresses stay direct (including the
 /// broker API at `http://127.0.0.1:7140/v1/...`).
 const NO_PROXY: &str = "localhost,127.0.0.1,::1";
@@ -60,7 +63,9 @@ pub enum Skip {
         ann::SERVICE
     )]
     NoServiceName,
-    #[error("service name {0:?} is not a DNS label (lowercase letters, digits and `-`, at most 63)")]
+    #[error(
+        "service name {0:?} is not a DNS label (lowercase letters, digits and `-`, at most 63)"
+    )]
     InvalidServiceName(String),
     #[error("{annotation} {0:?} is not a Kubernetes version such as 1.29", annotation = ann::K8S_VERSION)]
     InvalidK8sVersion(String),
@@ -533,7 +538,10 @@ spec:
     #[test]
     fn native_sidecar_is_first_init_container_and_marks_the_pod() {
         let t = template(BASIC);
-        let out = apply(&t, inject(&t, Workload::default(), &settings()).expect("injects"));
+        let out = apply(
+            &t,
+            inject(&t, Workload::default(), &settings()).expect("injects"),
+        );
         let spec = out.spec.as_ref().expect("spec");
         let sidecar = &spec.init_containers.as_ref().expect("init")[0];
         assert_eq!(sidecar.name, SIDECAR_NAME);
@@ -543,7 +551,8 @@ spec:
         let env = spec.containers[0].env.as_ref().expect("env");
         assert!(
             env.iter()
-                .any(|e| e.name == "HTTP_PROXY" && e.value.as_deref() == Some("http://127.0.0.1:7140"))
+                .any(|e| e.name == "HTTP_PROXY"
+                    && e.value.as_deref() == Some("http://127.0.0.1:7140"))
         );
         let secret = spec.volumes.as_ref().expect("volumes")[0].secret.as_ref();
         assert_eq!(
@@ -580,7 +589,10 @@ spec:
             "outrider.io/app-port: \"8080\"",
             "outrider.io/app-port: \"8080\", outrider.io/k8s-version: v1.27.3",
         ));
-        let out = apply(&t, inject(&t, Workload::default(), &settings()).expect("injects"));
+        let out = apply(
+            &t,
+            inject(&t, Workload::default(), &settings()).expect("injects"),
+        );
         assert_eq!(out.spec.expect("spec").containers[0].name, SIDECAR_NAME);
     }
 
@@ -600,11 +612,23 @@ spec:
                 BASIC.replace("\"8080\"", "\"7143\""),
                 Skip::AppPortIsSidecarPort(7143),
             ),
-            (BASIC.replace("spec:", "spec:\n  hostNetwork: true"), Skip::HostNetwork),
-            (BASIC.replace("app: web", "app: Web_1"), Skip::InvalidServiceName("Web_1".into())),
-            (BASIC.replace("labels: { app: web }", "labels: {}"), Skip::NoServiceName),
             (
-                BASIC.replace("image: nginx", "image: nginx, ports: [{containerPort: 7191}]"),
+                BASIC.replace("spec:", "spec:\n  hostNetwork: true"),
+                Skip::HostNetwork,
+            ),
+            (
+                BASIC.replace("app: web", "app: Web_1"),
+                Skip::InvalidServiceName("Web_1".into()),
+            ),
+            (
+                BASIC.replace("labels: { app: web }", "labels: {}"),
+                Skip::NoServiceName,
+            ),
+            (
+                BASIC.replace(
+                    "image: nginx",
+                    "image: nginx, ports: [{containerPort: 7191}]",
+                ),
                 Skip::Clash {
                     container: "app".into(),
                     what: "port 7191".into(),
@@ -640,8 +664,14 @@ spec:
             "image: nginx",
             "image: nginx, env: [{name: HTTP_PROXY, value: http://corp:3128}]",
         ));
-        let out = apply(&t, inject(&t, Workload::default(), &settings()).expect("injects"));
-        let env = out.spec.expect("spec").containers[0].env.clone().expect("env");
+        let out = apply(
+            &t,
+            inject(&t, Workload::default(), &settings()).expect("injects"),
+        );
+        let env = out.spec.expect("spec").containers[0]
+            .env
+            .clone()
+            .expect("env");
         let proxies: Vec<_> = env.iter().filter(|e| e.name == "HTTP_PROXY").collect();
         assert_eq!(proxies.len(), 1);
         assert_eq!(proxies[0].value.as_deref(), Some("http://corp:3128"));

@@ -151,7 +151,8 @@ fn decide(
     request: &RequestIn,
     settings: &Settings,
 ) -> Result<Result<Vec<Value>, Skip>, ReviewError> {
-    if request.kind.group != "" || request.kind.kind != "Pod" || request.operation != "CREATE" {
+    if !request.kind.group.is_empty() || request.kind.kind != "Pod" || request.operation != "CREATE"
+    {
         return Ok(Err(Skip::NotPodCreate(
             request.operation.clone(),
             request.kind.kind.clone(),
@@ -266,7 +267,10 @@ mod tests {
         // The service name came from generateName minus the pod-template-hash.
         let env = sidecar["env"].as_array().expect("env");
         assert!(env.contains(&json!({"name": "OUTRIDER_SERVICE", "value": "web"})));
-        assert_eq!(patched["metadata"]["annotations"]["outrider.io/injected"], "true");
+        assert_eq!(
+            patched["metadata"]["annotations"]["outrider.io/injected"],
+            "true"
+        );
 
         let again = review(&request(patched), &settings()).expect("answer");
         let response = self::response(&again);
@@ -288,7 +292,12 @@ mod tests {
         .expect("answer");
         let r = response(&answer);
         assert!(r.get("patch").is_none());
-        assert!(r["warnings"][0].as_str().expect("warning").contains("app-port"));
+        assert!(
+            r["warnings"][0]
+                .as_str()
+                .expect("warning")
+                .contains("app-port")
+        );
     }
 
     #[test]
@@ -300,7 +309,11 @@ mod tests {
             br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u","kind":{"group":"","version":"v1","kind":"Pod"},"operation":"CREATE","object":{"spec":{"containers":"x"}}}}"#,
         ];
         for body in bad {
-            assert!(review(body, &settings()).is_err(), "{}", String::from_utf8_lossy(body));
+            assert!(
+                review(body, &settings()).is_err(),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 }

@@ -58,7 +58,12 @@ pub(super) fn run(listen: SocketAddr, cert: &Path, key: &Path, settings: Setting
     }
 }
 
-fn start(listen: SocketAddr, cert: &Path, key: &Path, settings: Settings) -> Result<(), StartError> {
+fn start(
+    listen: SocketAddr,
+    cert: &Path,
+    key: &Path,
+    settings: Settings,
+) -> Result<(), StartError> {
     let tls = tls_config(cert, key)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
