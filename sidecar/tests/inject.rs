@@ -254,6 +254,10 @@ fn injected_templates_have_the_promised_shape() {
                 }
                 None => assert_eq!(sidecar["args"], json!(["run", "-c", "/dev/null"])),
             }
+            match annotations.get("outrider.io/env-secret") {
+                Some(name) => assert_eq!(sidecar["envFrom"][0]["secretRef"]["name"], *name),
+                None => assert!(sidecar.get("envFrom").is_none(), "{case}"),
+            }
             // Downward API and settings.
             for name in ["POD_NAME", "POD_NAMESPACE", "POD_IP", "OUTRIDER_NAMESPACE"] {
                 let var = env(&sidecar, name).unwrap_or_else(|| panic!("{case}: {name}"));

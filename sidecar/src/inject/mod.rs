@@ -32,6 +32,8 @@ pub mod annotations {
     pub const APP_PORT: &str = "outrider.io/app-port";
     /// The ConfigMap (key `config.yaml`) with the sidecar's config: discovery, policies, broker.
     pub const CONFIG: &str = "outrider.io/config";
+    /// A Secret whose keys become the sidecar's environment, e.g. `OUTRIDER_BROKER_URL`.
+    pub const ENV_SECRET: &str = "outrider.io/env-secret";
     /// The mesh name of this workload (default: the `app` label, else the workload's name).
     pub const SERVICE: &str = "outrider.io/service";
     /// The cluster's version for this pod; below 1.29 the sidecar is a regular first container.

@@ -7,10 +7,10 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    ExecAction, HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
-    SecurityContext, Volume, VolumeMount,
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvFromSource, EnvVar,
+    EnvVarSource, ExecAction, HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretEnvSource,
+    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -71,6 +71,8 @@ pub enum Skip {
     InvalidK8sVersion(String),
     #[error("{annotation} {0:?} is not a ConfigMap name", annotation = ann::CONFIG)]
     InvalidConfigName(String),
+    #[error("{annotation} {0:?} is not a Secret name", annotation = ann::ENV_SECRET)]
+    InvalidSecretName(String),
     #[error("container {container:?} already uses {what}")]
     Clash { container: String, what: String },
     #[error("a volume named {0:?} already exists")]
@@ -135,9 +137,24 @@ pub fn inject(
         Some(name) => return Err(Skip::InvalidConfigName(name.clone())),
         None => None,
     };
+    let env_secret = match annotations.get(ann::ENV_SECRET) {
+        Some(name) if is_dns_subdomain(name) => Some(name.as_str()),
+        Some(name) => return Err(Skip::InvalidSecretName(name.clone())),
+        None => None,
+    };
     check_clashes(spec)?;
 
-    let sidecar = sidecar_container(settings, &service, app_port, config, native);
+    let mut sidecar = sidecar_container(settings, &service, app_port, config, native);
+    // Secrets such as OUTRIDER_BROKER_URL stay out of the ConfigMap.
+    sidecar.env_from = env_secret.map(|name| {
+        vec![EnvFromSource {
+            secret_ref: Some(SecretEnvSource {
+                name: name.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]
+    });
     let mut ops = Vec::new();
     for (index, container) in spec.containers.iter().enumerate() {
         add_proxy_env(&mut ops, index, container);
