@@ -1,13 +1,13 @@
 //! Kubernetes pod injection (CONTRACT §7).
 //!
-//! One pure function, [`pod::inject`], reads a typed pod template and returns the JSON Patch that
-//! adds the sidecar, or why it must not. Two front ends use it and are the only code here that
-//! does I/O:
+//! One pure function, [`inject`], reads a typed pod template and returns the JSON Patch that
+//! adds the sidecar, or why it must not ([`Skip`]). Two front ends use it and are the only code
+//! here that does I/O:
 //!
 //! * `outrider inject` ([`run_cli`]): multi-document YAML in, the same manifests out with every
-//!   opted-in pod template patched ([`manifest`]), a one-line report per resource on stderr;
+//!   opted-in pod template patched ([`inject_manifests`]), a one-line report per resource;
 //! * `outrider injector` ([`run_injector`]): the same as a mutating admission webhook
-//!   ([`review`] turns an AdmissionReview into its answer; [`server`] is the HTTPS plumbing).
+//!   ([`review`] turns an AdmissionReview into its answer; `server` is the HTTPS plumbing).
 //!
 //! `outrider await` ([`run_await`]) is the small helper the pre-1.29 mode's postStart hook runs.
 //! The operator guide is `docs/kubernetes.md`.
@@ -17,12 +17,14 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::str::FromStr;
 
-pub mod manifest;
-pub mod pod;
-pub mod review;
+mod manifest;
+mod pod;
+mod review;
 mod server;
 
-pub use pod::{Skip, Workload, inject};
+pub use manifest::{InputError, Output, inject_manifests};
+pub use pod::{Skip, Workload, inject, is_injected};
+pub use review::{Answer, ReviewError, review};
 
 /// The annotations a pod template uses to ask for and tune injection.
 pub mod annotations {

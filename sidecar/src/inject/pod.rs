@@ -19,15 +19,15 @@ use serde_json::{Value, json};
 use super::{K8sVersion, Settings, annotations as ann, ports};
 
 /// Name of the injected container; its presence means "already injected".
-pub const SIDECAR_NAME: &str = "outrider";
+const SIDECAR_NAME: &str = "outrider";
 /// Fixed, non-root UID/GID of the sidecar (no passwd entry needed with a numeric user).
-pub const SIDECAR_UID: i64 = 2102;
+const SIDECAR_UID: i64 = 2102;
 const IDENTITY_VOLUME: &str = "outrider-identity";
 const CONFIG_VOLUME: &str = "outrider-config";
 /// Where the identity Secret (`tls.crt`, `tls.key`, `ca.crt`, as cert-manager writes them) is mounted.
-pub const IDENTITY_DIR: &str = "/var/run/outrider/identity";
+const IDENTITY_DIR: &str = "/var/run/outrider/identity";
 /// Where the `outrider.io/config` ConfigMap is mounted; it must hold the key `config.yaml`.
-pub const CONFIG_DIR: &str = "/etc/outrider";
+const CONFIG_DIR: &str = "/etc/outrider";
 /// The binary's path in the image (see deploy/Dockerfile).
 const BINARY: &str = "/usr/local/bin/outrider";
 /// How long a sidecar may take to become ready: the startupProbe allows this many 1 s periods.
@@ -261,7 +261,7 @@ fn check_clashes(spec: &PodSpec) -> Result<(), Skip> {
 }
 
 /// The Secret holding a service's identity; `deploy/kubernetes/mint-certs.sh` writes it.
-pub fn identity_secret_name(service: &str) -> String {
+fn identity_secret_name(service: &str) -> String {
     format!("outrider-identity-{service}")
 }
 
