@@ -69,10 +69,6 @@ impl Problems {
         });
     }
 
-    pub fn has_errors(&self) -> bool {
-        !self.errors.borrow().is_empty()
-    }
-
     /// Errors sorted by position, duplicates removed (merged policy trees can repeat one).
     pub fn into_parts(self) -> (Vec<Problem>, Vec<Problem>) {
         let mut errors = self.errors.into_inner();
@@ -151,10 +147,6 @@ impl<'a> Fields<'a> {
             p.error(self.node, &join(&self.path, key), "required key is missing");
         }
         found
-    }
-
-    pub fn entries(&self) -> &'a [(String, Pos, Node)] {
-        self.entries
     }
 }
 
@@ -392,9 +384,7 @@ pub fn parse_size(text: &str) -> Option<u64> {
 
 /// `IP:PORT`, `[v6]:PORT`, or `localhost:PORT` (read as 127.0.0.1).
 pub fn socket_addr(p: &Problems, node: &Node, path: &str) -> Option<SocketAddr> {
-    let Some(text) = string(p, node, path) else {
-        return None;
-    };
+    let text = string(p, node, path)?;
     match parse_socket_addr(&text) {
         Some(addr) => Some(addr),
         None => {

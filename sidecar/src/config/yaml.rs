@@ -57,13 +57,6 @@ impl Node {
         }
     }
 
-    pub fn get(&self, key: &str) -> Option<&Node> {
-        match &self.value {
-            Value::Map(entries) => entries.iter().find(|(k, _, _)| k == key).map(|(_, _, v)| v),
-            _ => None,
-        }
-    }
-
     /// Sets `path` (dotted keys) to `value`, creating mappings on the way.
     pub fn set_path(&mut self, path: &[&str], value: Node) {
         let Some((first, rest)) = path.split_first() else {

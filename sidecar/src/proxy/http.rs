@@ -1,0 +1,338 @@
+//! HTTP plumbing shared by both listeners: the body type, sidecar-made error responses (JSON for
+//! HTTP, status in trailers for gRPC), hop-by-hop header handling and correlation ids.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full, StreamBody, combinators::UnsyncBoxBody};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type every proxied request and response is converted to.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+pub const CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
+pub const OUTRIDER_ERROR: HeaderName = HeaderName::from_static("x-outrider-error");
+pub const OUTRIDER_PEER: HeaderName = HeaderName::from_static("x-outrider-peer");
+pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// Converts any body with a boxable error into [`Body`].
+pub fn boxed<B>(body: B) -> Body
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+/// What went wrong, from the sidecar's point of view (CONTRACT §4 error table).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ErrorKind {
+    UnknownService,
+    Unavailable,
+    CircuitOpen,
+    Timeout,
+    Forbidden,
+    RateLimited,
+    BadRequest,
+    NotFound,
+}
+
+impl ErrorKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ErrorKind::UnknownService => "unknown-service",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::CircuitOpen => "circuit-open",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Forbidden => "forbidden",
+            ErrorKind::RateLimited => "rate-limited",
+            ErrorKind::BadRequest => "bad-request",
+            ErrorKind::NotFound => "not-found",
+        }
+    }
+
+    fn default_status(&self) -> StatusCode {
+        match self {
+            ErrorKind::UnknownService => StatusCode::BAD_GATEWAY,
+            ErrorKind::Unavailable | ErrorKind::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+            ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        }
+    }
+
+    /// The gRPC status code for this kind.
+    pub fn grpc_code(&self) -> u8 {
+        match self {
+            ErrorKind::UnknownService | ErrorKind::Unavailable | ErrorKind::CircuitOpen => 14,
+            ErrorKind::Timeout => 4,
+            ErrorKind::Forbidden => 7,
+            ErrorKind::RateLimited => 8,
+            ErrorKind::BadRequest => 3,
+            ErrorKind::NotFound => 12,
+        }
+    }
+}
+
+/// A response the sidecar makes itself.
+#[derive(Debug, Clone)]
+pub struct ProxyError {
+    pub kind: ErrorKind,
+    pub status: StatusCode,
+    pub message: String,
+    pub retry_after: Option<Duration>,
+    /// For `circuit-open`: the configured fallback (status, content type, body).
+    pub fallback: Option<(StatusCode, String, Bytes)>,
+}
+
+impl ProxyError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            status: kind.default_status(),
+            kind,
+            message: message.into(),
+            retry_after: None,
+            fallback: None,
+        }
+    }
+
+    pub fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = status;
+        self
+    }
+
+    pub fn with_retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// The response for a client; gRPC clients get HTTP 200 with the status in trailers.
+    pub fn into_response(self, grpc: bool) -> Response<Body> {
+        let kind = HeaderValue::from_static(self.kind.as_str());
+        if grpc {
+            let mut trailers = HeaderMap::new();
+            trailers.insert(
+                GRPC_STATUS,
+                HeaderValue::from(u16::from(self.kind.grpc_code())),
+            );
+            if let Ok(message) = HeaderValue::from_str(&percent_encode_grpc(&self.message)) {
+                trailers.insert(GRPC_MESSAGE, message);
+            }
+            let frames = futures_util::stream::iter([Ok::<_, BoxError>(
+                http_body::Frame::trailers(trailers),
+            )]);
+            let mut response = Response::new(StreamBody::new(frames).boxed_unsync());
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            headers.insert(OUTRIDER_ERROR, kind);
+            if let Some(after) = self.retry_after {
+                headers.insert(header::RETRY_AFTER, retry_after_value(after));
+            }
+            return response;
+        }
+        let (status, content_type, body) = match self.fallback {
+            Some((status, content_type, body)) => (status, content_type, body),
+            None => (
+                self.status,
+                "application/json".to_string(),
+                Bytes::from(
+                    serde_json::json!({"error": self.message, "kind": self.kind.as_str()})
+                        .to_string(),
+                ),
+            ),
+        };
+        let mut response = Response::new(full(body));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        if let Ok(ct) = HeaderValue::from_str(&content_type) {
+            headers.insert(header::CONTENT_TYPE, ct);
+        }
+        headers.insert(OUTRIDER_ERROR, kind);
+        if let Some(after) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, retry_after_value(after));
+        }
+        response
+    }
+}
+
+fn retry_after_value(after: Duration) -> HeaderValue {
+    // Whole seconds, rounded up: `Retry-After: 0` would invite an immediate retry storm.
+    let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+    HeaderValue::from(secs.max(1))
+}
+
+/// gRPC `grpc-message` is percent-encoded (only printable ASCII but `%` passes as is).
+fn percent_encode_grpc(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for b in message.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// True for gRPC requests (content-type `application/grpc` or `application/grpc+...`).
+pub fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// True for an HTTP/1.1 `Upgrade` request (WebSocket and friends).
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    is_upgrade_head(req.version(), req.headers())
+}
+
+pub fn is_upgrade_head(version: http::Version, headers: &HeaderMap) -> bool {
+    version <= http::Version::HTTP_11
+        && headers.contains_key(header::UPGRADE)
+        && headers
+            .get(header::CONNECTION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), keeping `Upgrade`/`Connection: upgrade` for
+/// upgrade requests and `TE: trailers` (gRPC needs it).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if let Some(connection) = headers.get(header::CONNECTION).cloned()
+        && let Ok(listed) = connection.to_str()
+    {
+        for name in listed.split(',').map(str::trim) {
+            if keep_upgrade && name.eq_ignore_ascii_case("upgrade") {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(name.as_bytes())
+                && name != header::TE
+            {
+                headers.remove(name);
+            }
+        }
+    }
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "transfer-encoding",
+    ] {
+        headers.remove(name);
+    }
+    if !keep_upgrade {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    } else {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if let Some(te) = headers.get(header::TE)
+        && !te.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    {
+        headers.remove(header::TE);
+    }
+}
+
+/// Keeps a valid `x-correlation-id` or generates one (UUID v4); returns it.
+pub fn ensure_correlation_id(headers: &mut HeaderMap) -> HeaderValue {
+    if let Some(id) = headers.get(&CORRELATION_ID)
+        && !id.is_empty()
+        && id.len() <= 256
+    {
+        return id.clone();
+    }
+    let id = HeaderValue::try_from(uuid::Uuid::new_v4().to_string())
+        .unwrap_or(HeaderValue::from_static("invalid"));
+    headers.insert(CORRELATION_ID, id.clone());
+    id
+}
+
+/// Parses `grpc-timeout` (`<digits><unit>`, unit H M S m u n, at most 8 digits).
+pub fn parse_grpc_timeout(value: &HeaderValue) -> Option<Duration> {
+    let text = value.to_str().ok()?;
+    if text.len() < 2 || text.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = text.split_at(text.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Formats a `grpc-timeout` value for the remaining time (milliseconds, rounded down, ≥ 1).
+pub fn grpc_timeout_value(remaining: Duration) -> HeaderValue {
+    let millis = remaining.as_millis().clamp(1, 99_999_999);
+    HeaderValue::try_from(format!("{millis}m")).unwrap_or(HeaderValue::from_static("1m"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts() {
+        let v = |s: &'static str| parse_grpc_timeout(&HeaderValue::from_static(s));
+        assert_eq!(v("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(v("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(v("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(v("123456789m"), None);
+        assert_eq!(v("-5m"), None);
+        assert_eq!(v("5x"), None);
+        assert_eq!(v("m"), None);
+    }
+
+    #[test]
+    fn hop_by_hop() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-foo"),
+        );
+        h.insert("x-foo", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-bar", HeaderValue::from_static("2"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(!h.contains_key("x-foo"));
+        assert!(!h.contains_key(header::CONNECTION));
+        assert!(h.contains_key(header::TE));
+        assert!(h.contains_key("x-bar"));
+    }
+}

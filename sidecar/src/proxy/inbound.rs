@@ -1,0 +1,214 @@
+//! The inbound listener's request path: calls from other sidecars, already authenticated by
+//! the mTLS handshake, authorized here, and handed to the local app once (no retries: those are
+//! the caller's sidecar's work). The app gets `x-outrider-peer` with the caller's SPIFFE ID.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::HeaderValue;
+use http::{Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+
+use super::Shared;
+use super::http::{
+    Body, CORRELATION_ID, ErrorKind, OUTRIDER_PEER, ProxyError, boxed, empty,
+    ensure_correlation_id, is_grpc, is_upgrade_head, strip_hop_by_hop,
+};
+use super::outbound::{head_too_large, splice};
+use crate::config::AuthzRule;
+use crate::tls::SpiffeId;
+
+/// How long to wait for a connection to the local app.
+const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The authenticated caller of an inbound connection.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The caller's SPIFFE ID (None when mTLS is disabled).
+    pub id: Option<String>,
+    /// The caller's service name, for metrics (`unknown` without an identity).
+    pub service: String,
+    header: Option<HeaderValue>,
+}
+
+impl Peer {
+    pub fn new(id: Option<String>) -> Self {
+        let service = id
+            .as_deref()
+            .and_then(SpiffeId::parse)
+            .map(|s| s.service)
+            .unwrap_or_else(|| "unknown".to_string());
+        let header = id.as_deref().and_then(|id| HeaderValue::from_str(id).ok());
+        Self {
+            id,
+            service,
+            header,
+        }
+    }
+}
+
+/// Handles one request from another sidecar.
+pub async fn handle(
+    shared: Arc<Shared>,
+    peer: Arc<Peer>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let started = Instant::now();
+    let grpc = is_grpc(&req);
+    let config = shared.config.load_full();
+    if let Some(too_big) = head_too_large(&req, config.limits.max_header_bytes) {
+        return finish(&shared, &peer, started, too_big.into_response(grpc));
+    }
+    if !authorized(&config.inbound.authorize, &peer, &req) {
+        shared
+            .metrics
+            .authz_denied_total
+            .with_label_values(&[peer.service.as_str()])
+            .inc();
+        tracing::info!(
+            caller = peer.id.as_deref().unwrap_or("-"),
+            method = %req.method(),
+            path = req.uri().path(),
+            "request denied by inbound.authorize"
+        );
+        let denied = ProxyError::new(
+            ErrorKind::Forbidden,
+            format!(
+                "{} may not call {} {}",
+                peer.id.as_deref().unwrap_or("this caller"),
+                req.method(),
+                req.uri().path()
+            ),
+        );
+        return finish(&shared, &peer, started, denied.into_response(grpc));
+    }
+
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let (mut parts, body) = req.into_parts();
+    let correlation_id = ensure_correlation_id(&mut parts.headers);
+    let upgrade = is_upgrade_head(parts.version, &parts.headers);
+    let client_upgrade = if upgrade {
+        parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+    } else {
+        None
+    };
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    // Only this sidecar may say who the caller is.
+    parts.headers.remove(OUTRIDER_PEER);
+    if let Some(value) = &peer.header {
+        parts.headers.insert(OUTRIDER_PEER, value.clone());
+    }
+    set_app_uri(&mut parts, config.app);
+    let app_req = Request::from_parts(parts, boxed(body));
+
+    let result = if client_upgrade.is_some() {
+        shared.app.send_upgrade(app_req, APP_CONNECT_TIMEOUT).await
+    } else {
+        shared.app.send(app_req, APP_CONNECT_TIMEOUT).await
+    };
+    let mut response = match result {
+        Ok(mut response) => {
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS
+                && let Some(client) = client_upgrade
+            {
+                let app_upgrade = hyper::upgrade::on(&mut response);
+                tokio::spawn(splice(client, app_upgrade));
+                let (mut parts, _) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers, true);
+                Response::from_parts(parts, empty())
+            } else {
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers, false);
+                Response::from_parts(parts, boxed(body))
+            }
+        }
+        Err(error) if error.client_body_failed() => ProxyError::new(
+            ErrorKind::BadRequest,
+            "the request body was malformed or cut short",
+        )
+        .into_response(grpc),
+        Err(error) => {
+            tracing::warn!(%error, "the local app is unreachable");
+            ProxyError::new(ErrorKind::Unavailable, "the service's app is unreachable")
+                .into_response(grpc)
+        }
+    };
+    if config.access_log {
+        tracing::info!(
+            target: "outrider::access",
+            direction = "inbound",
+            correlation_id = correlation_id.to_str().unwrap_or(""),
+            method = %method,
+            path = %path,
+            caller = peer.id.as_deref().unwrap_or("-"),
+            status = response.status().as_u16(),
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            upstream = %config.app,
+        );
+    }
+    response
+        .headers_mut()
+        .insert(CORRELATION_ID, correlation_id);
+    finish(&shared, &peer, started, response)
+}
+
+fn set_app_uri(parts: &mut http::request::Parts, app: std::net::SocketAddr) {
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("/")
+        .to_owned();
+    if parts.version == http::Version::HTTP_2 {
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_else(|| app.to_string());
+        if let Ok(uri) = Uri::builder()
+            .scheme("http")
+            .authority(authority)
+            .path_and_query(path_and_query)
+            .build()
+        {
+            parts.uri = uri;
+        }
+    } else if let Ok(uri) = path_and_query.parse::<Uri>() {
+        parts.uri = uri;
+    }
+}
+
+/// Without rules every authenticated peer may call; with rules, one must match.
+fn authorized<B>(rules: &[AuthzRule], peer: &Peer, req: &Request<B>) -> bool {
+    if rules.is_empty() {
+        return true;
+    }
+    let Some(id) = peer.id.as_deref() else {
+        return false;
+    };
+    rules.iter().any(|rule| {
+        rule.from.iter().any(|f| f == "*" || f == id)
+            && rule
+                .path_prefix
+                .as_deref()
+                .is_none_or(|prefix| req.uri().path().starts_with(prefix))
+            && (rule.methods.is_empty() || rule.methods.iter().any(|m| m == req.method().as_str()))
+    })
+}
+
+fn finish(
+    shared: &Shared,
+    peer: &Peer,
+    started: Instant,
+    response: Response<Body>,
+) -> Response<Body> {
+    let m = &shared.metrics;
+    m.requests_total
+        .with_label_values(&["inbound", peer.service.as_str(), response.status().as_str()])
+        .inc();
+    m.request_duration_seconds
+        .with_label_values(&["inbound", peer.service.as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}

@@ -1,0 +1,121 @@
+//! The two listeners and what they share. Outbound: the local app's calls to other services
+//! (and the sidecar's local API). Inbound: other sidecars' calls, over mTLS, handed to the app.
+//!
+//! Flow: listener ([`server`]) → route ([`outbound`]/[`inbound`]) → policy → endpoint
+//! ([`crate::balance`]) → connection ([`pool`]).
+
+pub mod http;
+pub mod inbound;
+pub mod outbound;
+pub mod pool;
+pub mod route;
+pub mod server;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+
+use arc_swap::ArcSwap;
+use hyper::body::Incoming;
+
+use self::pool::{EndpointPool, Transport};
+use crate::balance::Balancer;
+use crate::config::Config;
+use crate::discovery::{Discovery, ServiceTarget};
+use crate::metrics::Metrics;
+use crate::tls::MeshTls;
+
+/// A handler for requests addressed to the sidecar itself on the outbound listener (the broker
+/// API). Implemented by the broker; the proxy only routes to it.
+pub trait LocalApi: Send + Sync + 'static {
+    fn handle(
+        &self,
+        req: ::http::Request<Incoming>,
+    ) -> Pin<Box<dyn Future<Output = ::http::Response<http::Body>> + Send + '_>>;
+}
+
+/// An upstream service: its discovery target and its balancer.
+pub struct Upstream {
+    pub target: Arc<ServiceTarget>,
+    pub balancer: Arc<Balancer>,
+}
+
+/// A service name and the namespace its authority named, if any.
+type UpstreamKey = (String, Option<String>);
+
+/// State shared by every listener of one sidecar.
+pub struct Shared {
+    pub config: ArcSwap<Config>,
+    pub metrics: Arc<Metrics>,
+    pub discovery: Arc<Discovery>,
+    pub tls: Option<Arc<MeshTls>>,
+    pub local_api: Option<Arc<dyn LocalApi>>,
+    /// The connections to the local app (inbound side).
+    pub app: EndpointPool,
+    upstreams: RwLock<HashMap<UpstreamKey, Arc<Upstream>>>,
+}
+
+impl Shared {
+    pub fn new(
+        config: Config,
+        metrics: Arc<Metrics>,
+        tls: Option<Arc<MeshTls>>,
+        local_api: Option<Arc<dyn LocalApi>>,
+    ) -> Arc<Self> {
+        let discovery = Discovery::new(&config, metrics.clone());
+        Arc::new(Self {
+            app: EndpointPool::new(config.app, Transport::Plain),
+            config: ArcSwap::from_pointee(config),
+            metrics,
+            discovery,
+            tls,
+            local_api,
+            upstreams: RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// The upstream for a service (`None`: unknown service).
+    pub fn upstream(&self, service: &str, namespace: Option<&str>) -> Option<Arc<Upstream>> {
+        let key = (service.to_string(), namespace.map(str::to_string));
+        if let Some(up) = self
+            .upstreams
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return Some(up.clone());
+        }
+        let target = self.discovery.lookup(service, namespace)?;
+        let transport = match (&self.tls, target.mtls) {
+            (Some(tls), true) => Transport::Mesh {
+                tls: tls.clone(),
+                identity: target.identity.clone(),
+            },
+            _ => Transport::Plain,
+        };
+        let upstream = Arc::new(Upstream {
+            balancer: Balancer::new(transport, target.endpoints()),
+            target,
+        });
+        self.upstreams
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, upstream.clone());
+        Some(upstream)
+    }
+
+    /// Swaps in a reloaded config. Upstreams whose discovery target is unchanged keep their
+    /// balancer (connections, latency estimates, ejections).
+    pub fn reconfigure(&self, config: Config) {
+        self.discovery.reconfigure(&config);
+        let mut upstreams = self.upstreams.write().unwrap_or_else(|p| p.into_inner());
+        upstreams.retain(|(service, namespace), up| {
+            self.discovery
+                .lookup(service, namespace.as_deref())
+                .is_some_and(|t| Arc::ptr_eq(&t, &up.target))
+        });
+        drop(upstreams);
+        self.config.store(Arc::new(config));
+    }
+}

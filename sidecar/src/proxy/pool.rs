@@ -1,0 +1,330 @@
+//! Connections to one endpoint: dialing (TCP, then mTLS with the expected identity or plain),
+//! a pool of HTTP/1.1 connections reused with keep-alive, one multiplexed HTTP/2 connection,
+//! and dedicated connections for upgrades (WebSocket).
+//!
+//! Written on hyper's `client::conn` rather than hyper-util's legacy `Client` because the
+//! legacy client keys its pool and HTTP/2 `:authority` on the request URI, while the mesh must
+//! dial an endpoint address and still send the service's authority, and must choose the TLS
+//! identity per service.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::http::Body;
+use crate::tls::{Alpn, MeshTls};
+
+/// How to reach a service's endpoints.
+#[derive(Clone)]
+pub enum Transport {
+    /// Plain TCP (the local app, or upstreams with `mtls: false`).
+    Plain,
+    /// mTLS; the upstream must present `identity`.
+    Mesh { tls: Arc<MeshTls>, identity: String },
+}
+
+/// Why a connection could not be made. Every variant means the request never reached the
+/// upstream, so any request may be retried after it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect to {0} timed out")]
+    Timeout(SocketAddr),
+    #[error("connect to {0}: {1}")]
+    Tcp(SocketAddr, io::Error),
+    #[error("TLS handshake with {0} failed: {1}")]
+    Tls(SocketAddr, io::Error),
+    #[error("HTTP handshake with {0} failed: {1}")]
+    Http(SocketAddr, hyper::Error),
+}
+
+/// Why a request failed on its way to the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The request was (or may have been) sent and the exchange failed.
+    #[error("upstream {0}: {1}")]
+    Http(SocketAddr, hyper::Error),
+}
+
+impl SendError {
+    /// True when the request provably never reached the upstream.
+    pub fn never_sent(&self) -> bool {
+        matches!(self, SendError::Connect(_))
+    }
+
+    /// True when the exchange failed because the client's own request body failed (malformed
+    /// chunked encoding, a client that went away): the client's fault, not the upstream's.
+    pub fn client_body_failed(&self) -> bool {
+        matches!(self, SendError::Http(_, e) if e.is_user() || e.is_body_write_aborted())
+    }
+}
+
+/// A TCP or TLS stream to an upstream.
+pub enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Dials `addr` within `timeout`, with mTLS when the transport says so.
+pub async fn dial(
+    transport: &Transport,
+    addr: SocketAddr,
+    alpn: Alpn,
+    timeout: Duration,
+) -> Result<Io, ConnectError> {
+    let connect = async {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| ConnectError::Tcp(addr, e))?;
+        let _ = tcp.set_nodelay(true);
+        match transport {
+            Transport::Plain => Ok(Io::Plain(tcp)),
+            Transport::Mesh { tls, identity } => {
+                let connector = tls
+                    .connector(identity, alpn)
+                    .map_err(|e| ConnectError::Tls(addr, io::Error::other(e.to_string())))?;
+                // The server name is not checked (the verifier checks the SPIFFE ID), but
+                // rustls needs one: the IP keeps SNI out of the handshake.
+                let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+                let stream = connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| ConnectError::Tls(addr, e))?;
+                Ok(Io::Tls(Box::new(stream)))
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, connect).await {
+        Ok(result) => result,
+        Err(_) => Err(ConnectError::Timeout(addr)),
+    }
+}
+
+/// Most idle HTTP/1.1 connections kept per endpoint.
+const MAX_H1_CONNECTIONS: usize = 512;
+
+/// The connections to one endpoint.
+pub struct EndpointPool {
+    pub addr: SocketAddr,
+    transport: Transport,
+    h1: Mutex<Vec<http1::SendRequest<Body>>>,
+    h2: tokio::sync::Mutex<Option<http2::SendRequest<Body>>>,
+}
+
+impl EndpointPool {
+    pub fn new(addr: SocketAddr, transport: Transport) -> Self {
+        Self {
+            addr,
+            transport,
+            h1: Mutex::new(Vec::new()),
+            h2: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Sends a request over HTTP/1.1 (pooled) or HTTP/2 (multiplexed), as `req.version()` says.
+    pub async fn send(
+        &self,
+        req: Request<Body>,
+        connect_timeout: Duration,
+    ) -> Result<Response<Incoming>, SendError> {
+        if req.version() == http::Version::HTTP_2 {
+            self.send_h2(req, connect_timeout).await
+        } else {
+            self.send_h1(req, connect_timeout).await
+        }
+    }
+
+    async fn send_h1(
+        &self,
+        mut req: Request<Body>,
+        connect_timeout: Duration,
+    ) -> Result<Response<Incoming>, SendError> {
+        // A pooled connection may have been closed by the peer just now: then hyper hands the
+        // request back unsent and it goes out on a fresh connection.
+        for _ in 0..2 {
+            let taken = {
+                let mut idle = self.h1.lock().unwrap_or_else(|p| p.into_inner());
+                idle.retain(|s| !s.is_closed());
+                idle.iter()
+                    .position(|s| s.is_ready())
+                    .map(|i| idle.swap_remove(i))
+            };
+            let Some(mut sender) = taken else {
+                return self.send_h1_new(req, connect_timeout).await;
+            };
+            let sent = sender.try_send_request(req);
+            self.h1
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(sender);
+            match sent.await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => return Err(SendError::Http(self.addr, e.into_error())),
+                },
+            }
+        }
+        self.send_h1_new(req, connect_timeout).await
+    }
+
+    async fn send_h1_new(
+        &self,
+        req: Request<Body>,
+        connect_timeout: Duration,
+    ) -> Result<Response<Incoming>, SendError> {
+        let io = dial(&self.transport, self.addr, Alpn::Http1, connect_timeout).await?;
+        let (mut sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| ConnectError::Http(self.addr, e))?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        let future = sender.send_request(req);
+        {
+            let mut idle = self.h1.lock().unwrap_or_else(|p| p.into_inner());
+            if idle.len() < MAX_H1_CONNECTIONS {
+                idle.push(sender);
+            }
+        }
+        future.await.map_err(|e| SendError::Http(self.addr, e))
+    }
+
+    /// An upgrade request (WebSocket) gets a connection of its own, never returned to the pool.
+    pub async fn send_upgrade(
+        &self,
+        req: Request<Body>,
+        connect_timeout: Duration,
+    ) -> Result<Response<Incoming>, SendError> {
+        let io = dial(&self.transport, self.addr, Alpn::Http1, connect_timeout).await?;
+        let (mut sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| ConnectError::Http(self.addr, e))?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| SendError::Http(self.addr, e))
+    }
+
+    async fn h2_sender(
+        &self,
+        connect_timeout: Duration,
+    ) -> Result<http2::SendRequest<Body>, ConnectError> {
+        let mut slot = self.h2.lock().await;
+        if let Some(sender) = slot.as_ref()
+            && !sender.is_closed()
+        {
+            return Ok(sender.clone());
+        }
+        let io = dial(&self.transport, self.addr, Alpn::Http2, connect_timeout).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .adaptive_window(true)
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| ConnectError::Http(self.addr, e))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        *slot = Some(sender.clone());
+        Ok(sender)
+    }
+
+    async fn send_h2(
+        &self,
+        req: Request<Body>,
+        connect_timeout: Duration,
+    ) -> Result<Response<Incoming>, SendError> {
+        let mut sender = self.h2_sender(connect_timeout).await?;
+        match sender.try_send_request(req).await {
+            Ok(resp) => Ok(resp),
+            Err(mut e) => match e.take_message() {
+                // The connection went away before the request was sent: once more, fresh.
+                Some(unsent) => {
+                    let mut sender = self.h2_sender(connect_timeout).await?;
+                    sender
+                        .send_request(unsent)
+                        .await
+                        .map_err(|e| SendError::Http(self.addr, e))
+                }
+                None => Err(SendError::Http(self.addr, e.into_error())),
+            },
+        }
+    }
+}
