@@ -21,8 +21,26 @@ fn golden_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/inject")
 }
 
+/// A private copy of the binary, taken once per test process: the target dir may be shared with
+/// builds of other branches, which would otherwise swap the binary out in the middle of a run.
 fn outrider() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_outrider"))
+    static COPY: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
+    let (_, path) = COPY.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("outrider");
+        std::fs::copy(env!("CARGO_BIN_EXE_outrider"), &path).expect("copy the binary");
+        let ours = Command::new(&path)
+            .args(["await", "--help"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            ours,
+            "{} is another branch's build (no `await`); rebuild and rerun",
+            env!("CARGO_BIN_EXE_outrider")
+        );
+        (dir, path)
+    });
+    Command::new(path)
 }
 
 /// Runs `outrider inject --image IMAGE ARGS` with `input` on stdin.
@@ -794,4 +812,173 @@ fn golden_outputs_pass_kubernetes_validate() {
     // The check can fail: a native sidecar is not valid before 1.28.
     let native = validate("1.27.0", &[golden_dir().join("deployment.out.yaml")]);
     assert!(!native.status.success(), "1.27 accepted a native sidecar");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The injected container really starts: the real sidecar, run with exactly the args and
+// environment the injection wrote (paths and ports moved to a temp dir and free ports).
+
+/// The sidecar container and its pod's ConfigMap text (if any), from a golden output.
+fn injected_sidecar(case: &str, configmap: Option<&str>) -> (Value, Option<String>) {
+    let out = std::fs::read_to_string(golden_dir().join(format!("{case}.out.yaml")))
+        .expect("golden output");
+    let docs = docs(&out);
+    let template = docs
+        .iter()
+        .flat_map(templates)
+        .find(|t| t["metadata"]["annotations"]["outrider.io/injected"] == "true")
+        .expect("an injected template");
+    let (sidecar, _) = sidecar_of(&template).expect("sidecar");
+    let config = configmap.and_then(|name| {
+        docs.iter()
+            .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == name)
+            .and_then(|d| d["data"]["config.yaml"].as_str().map(str::to_string))
+    });
+    (sidecar, config)
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> String {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect admin");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("write");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read");
+    answer
+}
+
+fn run_injected_sidecar(case: &str, configmap: Option<&str>) -> String {
+    let (sidecar, config) = injected_sidecar(case, configmap);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let identity = dir.path().join("identity");
+    let config_dir = dir.path().join("config");
+    std::fs::create_dir_all(&config_dir).expect("config dir");
+    if let Some(config) = &config {
+        std::fs::write(config_dir.join("config.yaml"), config).expect("config");
+    }
+    let service = env(&sidecar, "OUTRIDER_SERVICE").expect("service")["value"]
+        .as_str()
+        .expect("service")
+        .to_string();
+    // The Secret's layout, as mint-certs.sh writes it.
+    let (cert, key, ca_pem) = {
+        let ca = dir.path().join("ca");
+        let run = |args: &[&str]| {
+            let out = outrider().args(args).output().expect("outrider certs");
+            assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        };
+        run(&["certs", "ca", "--out", ca.to_str().expect("path")]);
+        let issued = dir.path().join("issued");
+        run(&[
+            "certs",
+            "issue",
+            "--ca",
+            ca.to_str().expect("path"),
+            "--service",
+            &service,
+            "--namespace",
+            "demo",
+            "--out",
+            issued.to_str().expect("path"),
+        ]);
+        (
+            issued.join(format!("{service}.pem")),
+            issued.join(format!("{service}-key.pem")),
+            ca.join("ca.pem"),
+        )
+    };
+    std::fs::create_dir_all(&identity).expect("identity dir");
+    std::fs::copy(ca_pem, identity.join("ca.crt")).expect("ca.crt");
+    std::fs::copy(cert, identity.join("tls.crt")).expect("tls.crt");
+    std::fs::copy(key, identity.join("tls.key")).expect("tls.key");
+
+    let mut listen = std::collections::HashMap::new();
+    for name in [
+        "OUTRIDER_LISTEN_OUTBOUND",
+        "OUTRIDER_LISTEN_INBOUND",
+        "OUTRIDER_LISTEN_ADMIN",
+    ] {
+        listen.insert(name, SocketAddr::from(([127, 0, 0, 1], free_port())));
+    }
+    let admin = listen["OUTRIDER_LISTEN_ADMIN"];
+    let mut command = outrider();
+    let moved = |s: &str| {
+        s.replace(
+            "/var/run/outrider/identity",
+            identity.to_str().expect("path"),
+        )
+        .replace("/etc/outrider", config_dir.to_str().expect("path"))
+    };
+    for arg in sidecar["args"].as_array().expect("args") {
+        command.arg(moved(arg.as_str().expect("arg")));
+    }
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    for var in sidecar["env"].as_array().expect("env") {
+        let name = var["name"].as_str().expect("name");
+        let value = match (&var["value"], listen.get(name)) {
+            (_, Some(addr)) => addr.to_string(),
+            (Value::String(v), None) => moved(v),
+            _ => match var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                Some("metadata.namespace") => "demo".into(),
+                Some("status.podIP") => "127.0.0.1".into(),
+                _ => "pod-0".into(),
+            },
+        };
+        command.env(name, value);
+    }
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sidecar");
+    // What the pre-1.29 postStart hook runs; in native mode the startupProbe asks the same.
+    let waited = outrider()
+        .args([
+            "await",
+            "--admin",
+            &admin.to_string(),
+            "--timeout-seconds",
+            "30",
+        ])
+        .output()
+        .expect("await");
+    let config_json = if waited.status.success() {
+        http_get(admin, "/config")
+    } else {
+        String::new()
+    };
+    let _ = child.kill();
+    let output = child.wait_with_output().expect("sidecar output");
+    assert!(
+        waited.status.success(),
+        "{case}: the injected sidecar never became ready: {}\nsidecar log:\n{}",
+        text(&waited.stderr),
+        text(&output.stderr)
+    );
+    assert!(config_json.starts_with("HTTP/1.0 200") || config_json.starts_with("HTTP/1.1 200"));
+    assert!(
+        config_json.contains(&format!("\"service\":\"{service}\"")),
+        "{config_json}"
+    );
+    assert!(
+        config_json.contains("\"namespace\":\"demo\""),
+        "{config_json}"
+    );
+    config_json
+}
+
+#[test]
+fn the_injected_sidecar_starts_from_its_environment_alone() {
+    let config = run_injected_sidecar("replicaset", None);
+    assert!(config.contains("\"app\":\"127.0.0.1:6380\""), "{config}");
+}
+
+#[test]
+fn the_injected_sidecar_starts_with_its_configmap() {
+    let config = run_injected_sidecar("multi-document", Some("course-service-outrider"));
+    assert!(
+        config.contains("{service}.{namespace}.svc.cluster.local:7143"),
+        "the ConfigMap's default_dns is in force: {config}"
+    );
 }
