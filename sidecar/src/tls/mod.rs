@@ -88,8 +88,9 @@ impl Identity {
         let Some(leaf) = chain.first() else {
             return Err(invalid(&files.cert, "no certificate in the file"));
         };
+        // The parse error is not shown: it may quote a line of the key file.
         let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?)
-            .map_err(|e| invalid(&files.key, format!("not a PEM private key: {e}")))?;
+            .map_err(|_| invalid(&files.key, "not a PEM private key (PKCS#8, PKCS#1 or SEC1)"))?;
         let signing_key = provider
             .key_provider
             .load_private_key(key)
