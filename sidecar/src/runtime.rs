@@ -89,7 +89,13 @@ pub async fn run(path: PathBuf, config: Config) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
     let tls = match &config.tls {
         Tls::Mtls(files) => {
-            let tls = MeshTls::new(files).map_err(|e| RunError::Invalid(format!("tls: {e}")))?;
+            let tls = MeshTls::new(files)
+                .map_err(|e| RunError::Invalid(format!("tls: {e}")))?
+                .with_outbound_handshake_errors(
+                    metrics
+                        .tls_handshake_errors_total
+                        .with_label_values(&["outbound"]),
+                );
             Some(Arc::new(tls))
         }
         Tls::Disabled => None,

@@ -365,6 +365,54 @@ async fn rotated_cert_by_symlink_swap_is_served_without_restart() {
     assert_eq!(status, 200);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_rereads_certificates_the_watch_cannot_see() {
+    let pki = Pki::new();
+    let (probe_cert, probe_key) = pki.issue("probe");
+    let probe = (probe_cert.as_path(), probe_key.as_path());
+    // tls.crt and tls.key are symlinks into a directory the sidecar does not watch: a write
+    // there raises no event in the watched directory.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (watched, real) = (tmp.path().join("watched"), tmp.path().join("real"));
+    std::fs::create_dir_all(&watched).expect("dir");
+    std::fs::create_dir_all(&real).expect("dir");
+    let (cert1, key1) = issue(&pki, "user-service", 30);
+    std::fs::copy(&cert1, real.join("tls.crt")).expect("copy");
+    std::fs::copy(&key1, real.join("tls.key")).expect("copy");
+    for name in ["tls.crt", "tls.key"] {
+        std::os::unix::fs::symlink(real.join(name), watched.join(name)).expect("link");
+    }
+    let sidecar = Sidecar::start(&format!(
+        "service: user-service\napp: 127.0.0.1:9\ntls: {{ ca: {}, cert: {}, key: {} }}\n",
+        pki.ca().display(),
+        watched.join("tls.crt").display(),
+        watched.join("tls.key").display()
+    ));
+    let (cert2, key2) = issue(&pki, "user-service", 20);
+    std::fs::copy(&key2, real.join("tls.key")).expect("copy");
+    std::fs::copy(&cert2, real.join("tls.crt")).expect("copy");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let serial1 = cert_serial(&pem_leaf(&cert1));
+    let serial2 = cert_serial(&pem_leaf(&cert2));
+    assert_eq!(
+        presented_serial(sidecar.ports.inbound, probe).await,
+        Ok(serial1),
+        "not seen without a signal"
+    );
+    let pid = sidecar.pid();
+    sidecar.signal("HUP");
+    let served = eventually(Duration::from_secs(5), || {
+        (metric(&sidecar, r#"outrider_cert_reloads_total{result="ok"}"#) == 1.0).then_some(())
+    })
+    .await;
+    assert!(served.is_some(), "{}", sidecar.logs());
+    assert_eq!(
+        presented_serial(sidecar.ports.inbound, probe).await,
+        Ok(serial2)
+    );
+    assert_eq!(sidecar.pid(), pid);
+}
+
 /// Requests through `caller` until `stop`: each round a WebSocket echo (an upgrade gets a
 /// connection of its own, so every round is a fresh mTLS handshake between the sidecars) and a
 /// pooled GET. Returns (rounds, failures).
@@ -856,6 +904,14 @@ async fn only_tls13_on_the_mesh_hop_both_ways() {
         handshakes.load(Ordering::SeqCst),
         failed.load(Ordering::SeqCst),
         "no handshake with the TLS 1.2 server succeeded"
+    );
+    assert!(
+        metric(
+            &web,
+            r#"outrider_tls_handshake_errors_total{direction="outbound"}"#
+        ) >= 1.0,
+        "{}",
+        web.metrics()
     );
 }
 
