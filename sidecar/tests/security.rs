@@ -715,6 +715,38 @@ async fn expiry_gauge_and_warning_near_the_end_of_the_lifetime() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_certificate_for_another_identity_is_warned_about() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("impostor");
+    let sidecar = Sidecar::start(&format!(
+        "service: user-service\napp: 127.0.0.1:9\ntls: {{ ca: {}, cert: {}, key: {} }}\n",
+        pki.ca().display(),
+        cert.display(),
+        key.display()
+    ));
+    let logs = sidecar.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("names another identity"))
+        .unwrap_or_else(|| panic!("no warning:\n{logs}"));
+    let line: serde_json::Value = serde_json::from_str(line).expect("json log");
+    assert_eq!(line["level"], "WARN");
+    assert_eq!(
+        line["certificate"],
+        "spiffe://mesh.local/ns/default/sa/impostor"
+    );
+    assert_eq!(
+        line["expected"],
+        "spiffe://mesh.local/ns/default/sa/user-service"
+    );
+    let fine = Sidecar::start(&format!(
+        "service: user-service\napp: 127.0.0.1:9\n{}",
+        pki.tls_yaml("user-service")
+    ));
+    assert!(!fine.logs().contains("names another identity"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn mtls_false_upstream_is_plain_http_and_marked() {
     let pki = Pki::new();
     let mesh_app = apps::http_app("users").await;
