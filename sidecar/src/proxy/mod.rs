@@ -99,6 +99,23 @@ impl Shared {
             },
             _ => Transport::Plain,
         };
+        let mtls = matches!(transport, Transport::Mesh { .. });
+        self.metrics
+            .upstream_mtls
+            .with_label_values(&[service])
+            .set(i64::from(mtls));
+        if !mtls {
+            tracing::info!(
+                service,
+                mtls = false,
+                reason = if target.mtls {
+                    "tls disabled"
+                } else {
+                    "mtls: false"
+                },
+                "plain HTTP upstream: no encryption, no identity check"
+            );
+        }
         let upstream = Arc::new(Upstream {
             balancer: Balancer::new(transport, target.endpoints()),
             target,

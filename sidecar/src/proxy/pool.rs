@@ -155,10 +155,10 @@ pub async fn dial(
                 // The server name is not checked (the verifier checks the SPIFFE ID), but
                 // rustls needs one: the IP keeps SNI out of the handshake.
                 let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-                let stream = connector
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| ConnectError::Tls(addr, e))?;
+                let stream = connector.connect(name, tcp).await.map_err(|e| {
+                    tls.outbound_handshake_failed();
+                    ConnectError::Tls(addr, e)
+                })?;
                 Ok(Io::Tls(Box::new(stream)))
             }
         }
