@@ -384,9 +384,7 @@ pub fn parse_size(text: &str) -> Option<u64> {
 
 /// `IP:PORT`, `[v6]:PORT`, or `localhost:PORT` (read as 127.0.0.1).
 pub fn socket_addr(p: &Problems, node: &Node, path: &str) -> Option<SocketAddr> {
-    let Some(text) = string(p, node, path) else {
-        return None;
-    };
+    let text = string(p, node, path)?;
     match parse_socket_addr(&text) {
         Some(addr) => Some(addr),
         None => {

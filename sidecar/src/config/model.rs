@@ -22,6 +22,7 @@ pub struct Config {
     pub limits: Limits,
     pub inbound: Inbound,
     pub broker: Option<Broker>,
+    #[serde(serialize_with = "serialize_duration")]
     pub shutdown_grace: Duration,
     pub access_log: bool,
 }
@@ -49,6 +50,7 @@ pub struct MtlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
     /// A peer that has not finished its handshake by then is dropped.
+    #[serde(serialize_with = "serialize_duration")]
     pub handshake_timeout: Duration,
 }
 
@@ -76,11 +78,15 @@ pub struct Resolver {
     /// Empty: the system resolver (`/etc/resolv.conf`).
     pub nameservers: Vec<SocketAddr>,
     /// TTLs are clamped into this range before re-resolving.
+    #[serde(serialize_with = "serialize_duration")]
     pub min_ttl: Duration,
+    #[serde(serialize_with = "serialize_duration")]
     pub max_ttl: Duration,
     /// After a failed lookup the last endpoints are kept this long, then dropped.
+    #[serde(serialize_with = "serialize_duration")]
     pub stale_for: Duration,
     /// Per-query timeout.
+    #[serde(serialize_with = "serialize_duration")]
     pub timeout: Duration,
 }
 
@@ -161,7 +167,9 @@ fn serialize_method<S: serde::Serializer>(
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Policy {
     /// The whole request, all attempts included.
+    #[serde(serialize_with = "serialize_duration")]
     pub timeout: Duration,
+    #[serde(serialize_with = "serialize_duration")]
     pub connect_timeout: Duration,
     pub retry: Retry,
     pub circuit_breaker: CircuitBreaker,
@@ -184,7 +192,9 @@ pub struct Retry {
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Backoff {
+    #[serde(serialize_with = "serialize_duration")]
     pub base: Duration,
+    #[serde(serialize_with = "serialize_duration")]
     pub max: Duration,
 }
 
@@ -217,7 +227,9 @@ pub struct RetryBudget {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CircuitBreaker {
     pub consecutive_failures: u32,
+    #[serde(serialize_with = "serialize_duration")]
     pub open_for: Duration,
+    #[serde(serialize_with = "serialize_duration")]
     pub max_open_for: Duration,
     pub fallback: Fallback,
 }
@@ -232,12 +244,14 @@ pub struct Fallback {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Outlier {
     pub consecutive_failures: u32,
+    #[serde(serialize_with = "serialize_duration")]
     pub eject_for: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Limits {
     pub max_header_bytes: u64,
+    #[serde(serialize_with = "serialize_duration")]
     pub header_read_timeout: Duration,
     pub max_api_body: u64,
 }
@@ -266,7 +280,7 @@ pub struct RateLimit {
     pub burst: u32,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Clone, Serialize)]
 pub struct Broker {
     /// Never logged or shown as is: see [`Broker::redacted_url`].
     #[serde(rename = "url", serialize_with = "serialize_redacted_url")]
@@ -276,12 +290,28 @@ pub struct Broker {
     pub enqueues: Vec<String>,
     pub schemas: Option<PathBuf>,
     pub subscriptions: Vec<Subscription>,
+    #[serde(serialize_with = "serialize_duration")]
     pub dedup_window: Duration,
     /// How many correlation ids each subscription remembers; the oldest are forgotten first.
     pub dedup_capacity: usize,
     pub queue_type: QueueType,
     /// Timeout of one delivery POST to the app.
+    #[serde(serialize_with = "serialize_duration")]
     pub delivery_timeout: Duration,
+}
+
+/// Like the derived `Debug`, with the URL's password redacted: a `{:?}` of the config in a log
+/// line or a panic message must not print it.
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("url", &self.redacted_url())
+            .field("exchange", &self.exchange)
+            .field("publishes", &self.publishes)
+            .field("enqueues", &self.enqueues)
+            .field("subscriptions", &self.subscriptions)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Broker {
@@ -389,4 +419,28 @@ impl Config {
 
 pub fn spiffe_id(trust_domain: &str, namespace: &str, service: &str) -> String {
     format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service}")
+}
+
+/// Durations in `/config` read as they are written in YAML: `2s`, `250ms`, `1m30s`.
+fn serialize_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_duration(*d))
+}
+
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        return "0s".into();
+    }
+    if !ms.is_multiple_of(1000) {
+        return format!("{ms}ms");
+    }
+    let mut secs = d.as_secs();
+    let mut out = String::new();
+    for (unit, size) in [("h", 3600), ("m", 60), ("s", 1)] {
+        if secs >= size {
+            out.push_str(&format!("{}{unit}", secs / size));
+            secs %= size;
+        }
+    }
+    out
 }

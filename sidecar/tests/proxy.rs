@@ -1,0 +1,829 @@
+//! The proxy core end to end: real sidecars (the `outrider` binary) on loopback with mTLS, real
+//! HTTP/1.1, h2c, gRPC (tonic) and WebSocket (tokio-tungstenite) clients and apps.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use outrider::pb::echo::EchoRequest;
+use outrider::pb::echo::echo_client::EchoClient;
+use support::{Pair, Pki, Ports, Sidecar, apps, client, h2_client};
+
+const WEB_ID: &str = "spiffe://mesh.local/ns/default/sa/web";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn routes_by_host_header_proxy_form_and_h2_authority() {
+    let pki = Pki::new();
+    let app = apps::http_app("users").await;
+    let pair = Pair::start(&pki, "user-service", app.addr, "", "");
+    let out = pair.caller.outbound_url();
+
+    for host in [
+        "user-service",
+        "user-service:80",
+        "user-service.default",
+        "user-service.default.svc.cluster.local",
+        "user-service.default.svc.cluster.local:7143",
+    ] {
+        let r = client()
+            .get(format!("{out}/hello"))
+            .header("host", host)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), 200, "Host: {host}");
+        assert_eq!(r.text().await.expect("body"), "hello from users");
+    }
+
+    let proxied = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(&out).expect("proxy"))
+        .build()
+        .expect("client");
+    let r = proxied
+        .get("http://user-service/echo")
+        .send()
+        .await
+        .expect("proxy-form request");
+    assert_eq!(r.status(), 200);
+    let seen: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(seen["path"], "/echo");
+    assert_eq!(seen["version"], "HTTP/1.1");
+
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .resolve("user-service", pair.caller.ports.outbound)
+        .build()
+        .expect("client");
+    let r = h2
+        .get(format!(
+            "http://user-service:{}/echo",
+            pair.caller.ports.outbound.port()
+        ))
+        .send()
+        .await
+        .expect("h2 request");
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    let seen: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(
+        seen["version"], "HTTP/2.0",
+        "an h2 request reaches the app as h2"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_tunnel_speaks_http_inside() {
+    let pki = Pki::new();
+    let app = apps::http_app("users").await;
+    let pair = Pair::start(&pki, "user-service", app.addr, "", "");
+    let outbound = pair.caller.ports.outbound;
+    let text = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(outbound).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(b"CONNECT user-service:80 HTTP/1.1\r\nHost: user-service:80\r\n\r\n")
+            .expect("write");
+        let mut head = [0u8; 256];
+        let n = s.read(&mut head).expect("read");
+        let head = String::from_utf8_lossy(&head[..n]).to_string();
+        assert!(head.starts_with("HTTP/1.1 200"), "CONNECT answer: {head}");
+        s.write_all(b"GET /hello HTTP/1.1\r\nHost: user-service\r\nConnection: close\r\n\r\n")
+            .expect("write");
+        let mut rest = String::new();
+        s.read_to_string(&mut rest).expect("read");
+        rest
+    })
+    .await
+    .expect("join");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("hello from users"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_to_unknown_service_is_refused() {
+    let pki = Pki::new();
+    let app = apps::http_app("users").await;
+    let pair = Pair::start(&pki, "user-service", app.addr, "", "");
+    let outbound = pair.caller.ports.outbound;
+    let head = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(outbound).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(b"CONNECT nowhere:80 HTTP/1.1\r\nHost: nowhere:80\r\n\r\n")
+            .expect("write");
+        let mut head = [0u8; 512];
+        let n = s.read(&mut head).expect("read");
+        String::from_utf8_lossy(&head[..n]).to_string()
+    })
+    .await
+    .expect("join");
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    assert!(head.contains("x-outrider-error: unknown-service"), "{head}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn headers_correlation_trace_and_peer_identity() {
+    let pki = Pki::new();
+    let app = apps::http_app("users").await;
+    let pair = Pair::start(&pki, "user-service", app.addr, "", "");
+    let out = pair.caller.outbound_url();
+
+    let r = client()
+        .get(format!("{out}/echo"))
+        .header("host", "user-service")
+        .header("x-outrider-peer", "spiffe://mesh.local/ns/default/sa/admin")
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .send()
+        .await
+        .expect("request");
+    let generated = r
+        .headers()
+        .get("x-correlation-id")
+        .expect("a correlation id is returned")
+        .to_str()
+        .expect("ascii")
+        .to_string();
+    assert!(uuid::Uuid::parse_str(&generated).is_ok(), "{generated}");
+    let seen: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(seen["headers"]["x-correlation-id"], generated.as_str());
+    assert_eq!(
+        seen["headers"]["x-outrider-peer"], WEB_ID,
+        "spoofed peer header replaced"
+    );
+    assert_eq!(
+        seen["headers"]["traceparent"],
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    );
+
+    let r = client()
+        .get(format!("{out}/echo"))
+        .header("host", "user-service")
+        .header("x-correlation-id", "order-42")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.headers()["x-correlation-id"], "order-42");
+    let seen: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(seen["headers"]["x-correlation-id"], "order-42");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_mebibyte_bodies_stream_both_ways_over_h1_and_h2() {
+    let pki = Pki::new();
+    let app = apps::http_app("files").await;
+    let pair = Pair::start(&pki, "file-service", app.addr, "", "");
+    let payload: Vec<u8> = (0..(1 << 20)).map(|i| (i % 253) as u8).collect();
+
+    let r = client()
+        .post(format!("{}/mirror", pair.caller.outbound_url()))
+        .header("host", "file-service")
+        .body(payload.clone())
+        .send()
+        .await
+        .expect("h1 request");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.expect("body").as_ref(), payload.as_slice());
+
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .resolve("file-service", pair.caller.ports.outbound)
+        .build()
+        .expect("client");
+    let stream = futures_util::stream::iter(
+        payload
+            .chunks(16 * 1024)
+            .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
+            .collect::<Vec<_>>(),
+    );
+    let r = h2
+        .post(format!(
+            "http://file-service:{}/mirror",
+            pair.caller.ports.outbound.port()
+        ))
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .expect("h2 request");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.expect("body").as_ref(), payload.as_slice());
+
+    let r = client()
+        .get(format!("{}/bytes/1048576", pair.caller.outbound_url()))
+        .header("host", "file-service")
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(r.bytes().await.expect("body").len(), 1 << 20);
+}
+
+async fn echo_client(pair: &Pair, service: &str) -> EchoClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(pair.caller.outbound_url())
+        .expect("endpoint")
+        .origin(format!("http://{service}").parse().expect("origin"))
+        .connect()
+        .await
+        .expect("connect");
+    EchoClient::new(channel)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_unary_streaming_and_status_in_trailers() {
+    let pki = Pki::new();
+    let grpc = apps::grpc_app().await;
+    let pair = Pair::start(&pki, "echo-service", grpc, "", "");
+    let mut echo = echo_client(&pair, "echo-service").await;
+
+    let reply = echo
+        .unary(EchoRequest {
+            message: "hi".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("unary");
+    assert_eq!(reply.get_ref().message, "hi");
+    assert_eq!(reply.get_ref().peer, WEB_ID);
+
+    let mut stream = echo
+        .server_stream(EchoRequest {
+            message: "tick".into(),
+            count: 5,
+            ..Default::default()
+        })
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut indexes = Vec::new();
+    while let Some(item) = stream.next().await {
+        indexes.push(item.expect("item").index);
+    }
+    assert_eq!(indexes, vec![0, 1, 2, 3, 4]);
+
+    let status = echo
+        .unary(EchoRequest {
+            fail_code: 9,
+            ..Default::default()
+        })
+        .await
+        .expect_err("fails");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(status.message(), "failed on purpose");
+
+    let mut stream = echo
+        .server_stream(EchoRequest {
+            message: "x".into(),
+            count: 2,
+            fail_code: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("stream")
+        .into_inner();
+    assert!(stream.next().await.expect("first").is_ok());
+    assert!(stream.next().await.expect("second").is_ok());
+    let end = stream.next().await.expect("trailers").expect_err("status");
+    assert_eq!(
+        end.code(),
+        tonic::Code::Aborted,
+        "grpc-status from trailers"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_errors_made_by_the_sidecar() {
+    let pki = Pki::new();
+    let grpc = apps::grpc_app().await;
+    let pair = Pair::start(
+        &pki,
+        "echo-service",
+        grpc,
+        "policies:\n  default:\n    timeout: 5s\n",
+        "",
+    );
+    let mut unknown = echo_client(&pair, "nope").await;
+    let status = unknown
+        .unary(EchoRequest::default())
+        .await
+        .expect_err("unknown");
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert_eq!(
+        status.metadata().get("x-outrider-error").expect("kind"),
+        "unknown-service"
+    );
+
+    // A raw h2 call: tonic clients enforce grpc-timeout themselves; here the sidecar must.
+    let request = prost::Message::encode_to_vec(&EchoRequest {
+        delay_ms: 3000,
+        ..Default::default()
+    });
+    let started = Instant::now();
+    let (http_status, grpc_status, headers) = support::raw_grpc_call(
+        pair.caller.ports.outbound,
+        "echo-service",
+        "/echo.v1.Echo/Unary",
+        &request,
+        &[("grpc-timeout", "200m")],
+    )
+    .await;
+    assert_eq!(http_status, 200);
+    assert_eq!(grpc_status.as_deref(), Some("4"), "DEADLINE_EXCEEDED");
+    assert_eq!(headers["x-outrider-error"], "timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_echo_through_the_pair() {
+    use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+    let pki = Pki::new();
+    let app = apps::http_app("gateway").await;
+    let pair = Pair::start(&pki, "gateway", app.addr, "", "");
+    let mut req = format!("ws://{}/ws", pair.caller.ports.outbound)
+        .into_client_request()
+        .expect("request");
+    req.headers_mut()
+        .insert("host", "gateway".parse().expect("header"));
+    let (mut ws, response) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("upgrade");
+    assert_eq!(response.status(), 101);
+    for text in ["hello", "world"] {
+        ws.send(Message::Text(text.into())).await.expect("send");
+        let reply = ws.next().await.expect("reply").expect("message");
+        assert_eq!(
+            reply.into_text().expect("text").as_str(),
+            format!("echo:{text}")
+        );
+    }
+    ws.send(Message::Binary(vec![1u8, 2, 3].into()))
+        .await
+        .expect("send");
+    let reply = ws.next().await.expect("reply").expect("message");
+    assert_eq!(reply.into_data().as_ref(), &[1u8, 2, 3]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_service_and_timeout_errors() {
+    let pki = Pki::new();
+    let app = apps::http_app("slow").await;
+    let pair = Pair::start(
+        &pki,
+        "slow-service",
+        app.addr,
+        "policies:\n  default:\n    timeout: 300ms\n",
+        "",
+    );
+    let out = pair.caller.outbound_url();
+    let r = client()
+        .get(format!("{out}/hello"))
+        .header("host", "missing-service")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 502);
+    assert_eq!(r.headers()["x-outrider-error"], "unknown-service");
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(body["kind"], "unknown-service");
+    assert!(
+        body["error"]
+            .as_str()
+            .expect("error")
+            .contains("missing-service")
+    );
+
+    let started = Instant::now();
+    let r = client()
+        .get(format!("{out}/slow/3000"))
+        .header("host", "slow-service")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 504);
+    assert_eq!(r.headers()["x-outrider-error"], "timeout");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(body["kind"], "timeout");
+
+    let metrics = pair.caller.metrics();
+    assert!(
+        metrics.contains(
+            r#"outrider_requests_total{code="504",direction="outbound",service="slow-service"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"outrider_endpoints{service="slow-service"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_with_the_wrong_identity_is_never_used() {
+    let pki = Pki::new();
+    let app = apps::http_app("users").await;
+    // The callee runs with another service's certificate.
+    let callee_ports = Ports::new();
+    let (cert, key) = pki.issue("impostor");
+    let callee = Sidecar::start_with(
+        &format!(
+            "service: user-service\napp: {}\ntls: {{ ca: {}, cert: {}, key: {} }}\n",
+            app.addr,
+            pki.ca().display(),
+            cert.display(),
+            key.display()
+        ),
+        callee_ports,
+        &[],
+    );
+    let caller = Sidecar::start(&format!(
+        "service: web\napp: 127.0.0.1:9\n{}discovery:\n  services:\n    user-service: {{ endpoints: [\"{}\"] }}\n",
+        pki.tls_yaml("web"),
+        callee.ports.inbound
+    ));
+    let r = client()
+        .get(format!("{}/hello", caller.outbound_url()))
+        .header("host", "user-service")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["x-outrider-error"], "unavailable");
+    assert_eq!(app.hits(), 0, "the app never saw the request");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inbound_refuses_clients_without_a_mesh_certificate() {
+    let pki = Pki::new();
+    let other = Pki::new();
+    let app = apps::http_app("users").await;
+    let callee = Sidecar::start(&format!(
+        "service: user-service\napp: {}\n{}",
+        app.addr,
+        pki.tls_yaml("user-service")
+    ));
+    let inbound = callee.ports.inbound;
+    let now = time::OffsetDateTime::now_utc();
+    let day = time::Duration::days(1);
+
+    let (good_cert, good_key) = pki.issue("web");
+    let ok = support::raw_mtls_request(inbound, Some((&good_cert, &good_key))).await;
+    assert_eq!(ok.as_deref(), Ok("HTTP/1.1 200 OK"));
+
+    let (foreign_cert, foreign_key) = other.issue("web");
+    let (expired_cert, expired_key) = pki.issue_custom(
+        "expired",
+        Some("spiffe://mesh.local/ns/default/sa/expired"),
+        now - 10 * day,
+        now - day,
+    );
+    let (future_cert, future_key) = pki.issue_custom(
+        "future",
+        Some("spiffe://mesh.local/ns/default/sa/future"),
+        now + day,
+        now + 10 * day,
+    );
+    let (nospiffe_cert, nospiffe_key) = pki.issue_custom("plain", None, now - day, now + day);
+    let (otherdomain_cert, otherdomain_key) = pki.issue_custom(
+        "elsewhere",
+        Some("spiffe://elsewhere.local/ns/default/sa/web"),
+        now - day,
+        now + day,
+    );
+    let refused = [
+        ("no client certificate", None),
+        (
+            "another CA",
+            Some((foreign_cert.as_path(), foreign_key.as_path())),
+        ),
+        (
+            "expired",
+            Some((expired_cert.as_path(), expired_key.as_path())),
+        ),
+        (
+            "not yet valid",
+            Some((future_cert.as_path(), future_key.as_path())),
+        ),
+        (
+            "no SPIFFE SAN",
+            Some((nospiffe_cert.as_path(), nospiffe_key.as_path())),
+        ),
+        (
+            "other trust domain",
+            Some((otherdomain_cert.as_path(), otherdomain_key.as_path())),
+        ),
+    ];
+    for (what, cert) in refused {
+        let result = support::raw_mtls_request(inbound, cert).await;
+        assert!(result.is_err(), "{what}: {result:?}");
+    }
+    assert_eq!(app.hits(), 1, "only the good client reached the app");
+    let errors = callee
+        .metric(r#"outrider_tls_handshake_errors_total{direction="inbound"}"#)
+        .expect("metric");
+    assert!(errors >= 6.0, "{errors}");
+    // Still serving.
+    let ok = support::raw_mtls_request(inbound, Some((&good_cert, &good_key))).await;
+    assert_eq!(ok.as_deref(), Ok("HTTP/1.1 200 OK"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plaintext_and_garbage_on_the_inbound_port_are_dropped() {
+    let pki = Pki::new();
+    let app = apps::http_app("users").await;
+    let callee = Sidecar::start(&format!(
+        "service: user-service\napp: {}\n{}",
+        app.addr,
+        pki.tls_yaml("user-service")
+    ));
+    let inbound = callee.ports.inbound;
+    tokio::task::spawn_blocking(move || {
+        for junk in [
+            &b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            &[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2][..],
+            &[0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0, 0xff, 0xff][..],
+        ] {
+            let mut s = std::net::TcpStream::connect(inbound).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(15)))
+                .expect("timeout");
+            let _ = s.write_all(junk);
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf);
+            assert!(!String::from_utf8_lossy(&buf).contains("HTTP/1.1 200"));
+        }
+    })
+    .await
+    .expect("join");
+    assert_eq!(app.hits(), 0);
+    let (cert, key) = pki.issue("web");
+    let ok = support::raw_mtls_request(inbound, Some((&cert, &key))).await;
+    assert_eq!(ok.as_deref(), Ok("HTTP/1.1 200 OK"), "still serving");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_heads_get_431_and_the_sidecar_keeps_serving() {
+    let pki = Pki::new();
+    let app = apps::http_app("users").await;
+    let pair = Pair::start(
+        &pki,
+        "user-service",
+        app.addr,
+        "limits: { max_header_bytes: 8KiB }\n",
+        "",
+    );
+    let out = pair.caller.outbound_url();
+    for size in [9 * 1024, 200 * 1024] {
+        let r = client()
+            .get(format!("{out}/hello"))
+            .header("host", "user-service")
+            .header("x-big", "a".repeat(size))
+            .send()
+            .await;
+        match r {
+            Ok(r) => assert_eq!(r.status(), 431, "head of {size} bytes"),
+            // hyper may close the connection while the client still writes a huge head.
+            Err(e) => assert!(size > 64 * 1024, "{size}: {e}"),
+        }
+    }
+    let r = client()
+        .get(format!("{out}/hello"))
+        .header("host", "user-service")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 200);
+    assert_eq!(app.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slowloris_is_cut_off_while_others_are_served() {
+    let pki = Pki::new();
+    let app = apps::http_app("users").await;
+    let pair = Pair::start(
+        &pki,
+        "user-service",
+        app.addr,
+        "limits: { header_read_timeout: 1s }\n",
+        "",
+    );
+    let outbound = pair.caller.ports.outbound;
+    let slow = std::thread::spawn(move || {
+        let mut s = std::net::TcpStream::connect(outbound).expect("connect");
+        s.write_all(b"GET /hello HTTP/1.1\r\nHost: user-service\r\n")
+            .expect("write");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let started = Instant::now();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        (started.elapsed(), String::from_utf8_lossy(&buf).to_string())
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let r = client()
+        .get(format!("{}/hello", pair.caller.outbound_url()))
+        .header("host", "user-service")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 200);
+    assert!(started.elapsed() < Duration::from_millis(900));
+    let (held, answer) = tokio::task::spawn_blocking(move || slow.join().expect("join"))
+        .await
+        .expect("join");
+    assert!(
+        held < Duration::from_secs(5),
+        "slow client held for {held:?}"
+    );
+    assert!(!answer.contains("200 OK"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_in_flight_requests_finish() {
+    let pki = Pki::new();
+    let app = apps::http_app("slow").await;
+    let mut pair = Pair::start(&pki, "slow-service", app.addr, "shutdown_grace: 5s\n", "");
+    let url = format!("{}/slow/1000", pair.caller.outbound_url());
+    let in_flight = tokio::spawn(async move {
+        client()
+            .get(url)
+            .header("host", "slow-service")
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    pair.caller.signal("TERM");
+    let status = in_flight.await.expect("join").expect("request completes");
+    assert_eq!(status, 200);
+    let code = tokio::task::spawn_blocking(move || pair.caller.wait_exit(Duration::from_secs(8)))
+        .await
+        .expect("join");
+    assert_eq!(code, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn h2_to_http1_app_is_refused_cleanly_when_app_is_down() {
+    let pki = Pki::new();
+    // No app listens at this address.
+    let dead = support::free_addr();
+    let pair = Pair::start(&pki, "ghost-service", dead, "", "");
+    let r = h2_client()
+        .get(format!("{}/hello", pair.caller.outbound_url()))
+        .header("host", "ghost-service")
+        .send()
+        .await;
+    // reqwest over h2 sets :authority from the URL; use the Host form over h1 instead.
+    drop(r);
+    let r = client()
+        .get(format!("{}/hello", pair.caller.outbound_url()))
+        .header("host", "ghost-service")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["x-outrider-error"], "unavailable");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_endpoints_and_access_log() {
+    let pki = Pki::new();
+    let app = apps::http_app("users").await;
+    let pair = Pair::start(&pki, "user-service", app.addr, "access_log: true\n", "");
+    let r = client()
+        .get(format!("{}/hello?x=1", pair.caller.outbound_url()))
+        .header("host", "user-service")
+        .header("x-correlation-id", "trace-me-7")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 200);
+
+    let c = client();
+    assert_eq!(
+        c.get(pair.caller.admin_url("/live"))
+            .send()
+            .await
+            .expect("live")
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.get(pair.caller.admin_url("/ready"))
+            .send()
+            .await
+            .expect("ready")
+            .status(),
+        200
+    );
+    let config: serde_json::Value = c
+        .get(pair.caller.admin_url("/config"))
+        .send()
+        .await
+        .expect("config")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(config["service"], "web");
+    assert_eq!(config["policies"]["default"]["timeout"], "2s");
+    let text = config.to_string();
+    assert!(!text.contains("PRIVATE KEY"), "no key material in /config");
+    let endpoints: serde_json::Value = c
+        .get(pair.caller.admin_url("/endpoints"))
+        .send()
+        .await
+        .expect("endpoints")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(endpoints["services"][0]["service"], "user-service");
+    assert_eq!(
+        endpoints["services"][0]["endpoints"][0],
+        pair.callee.ports.inbound.to_string()
+    );
+    let denied = c
+        .get(pair.caller.admin_url("/shutdown"))
+        .send()
+        .await
+        .expect("shutdown");
+    assert_eq!(denied.status(), 405, "shutdown needs POST");
+
+    // The access log line carries the correlation id, method, authority, path, status, upstream.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let logs = pair.caller.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("trace-me-7"))
+        .unwrap_or_else(|| panic!("no access log line in:\n{logs}"));
+    let entry: serde_json::Value = serde_json::from_str(line).expect("json log line");
+    assert_eq!(entry["method"], "GET");
+    assert_eq!(entry["authority"], "user-service");
+    assert_eq!(entry["path"], "/hello");
+    assert_eq!(entry["status"], 200);
+    assert_eq!(entry["upstream"], pair.callee.ports.inbound.to_string());
+    assert!(
+        !pair.callee.logs().contains("trace-me-7"),
+        "callee has no access log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn post_shutdown_drains_and_exits() {
+    let pki = Pki::new();
+    let app = apps::http_app("users").await;
+    let mut pair = Pair::start(&pki, "user-service", app.addr, "", "");
+    let r = client()
+        .post(pair.caller.admin_url("/shutdown"))
+        .send()
+        .await
+        .expect("shutdown");
+    assert_eq!(r.status(), 202);
+    let code = tokio::task::spawn_blocking(move || pair.caller.wait_exit(Duration::from_secs(8)))
+        .await
+        .expect("join");
+    assert_eq!(code, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn environment_overrides_apply_at_run() {
+    let pki = Pki::new();
+    let app = apps::http_app("users").await;
+    let callee_ports = Ports::new();
+    // The file names another app and service; the environment wins.
+    let callee = Sidecar::start_with(
+        &format!(
+            "service: wrong-name\napp: 127.0.0.1:9\n{}",
+            pki.tls_yaml("user-service")
+        ),
+        callee_ports,
+        &[
+            ("OUTRIDER_SERVICE", "user-service"),
+            ("OUTRIDER_APP", &app.addr.to_string()),
+        ],
+    );
+    let caller = Sidecar::start(&format!(
+        "service: web\napp: 127.0.0.1:9\n{}discovery:\n  services:\n    user-service: {{ endpoints: [\"{}\"] }}\n",
+        pki.tls_yaml("web"),
+        callee.ports.inbound
+    ));
+    let r = client()
+        .get(format!("{}/hello", caller.outbound_url()))
+        .header("host", "user-service")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.text().await.expect("body"), "hello from users");
+}

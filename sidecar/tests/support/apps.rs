@@ -1,0 +1,223 @@
+//! Small real apps for tests: an axum HTTP app (h1 and h2c, WebSocket) and a tonic gRPC echo.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::ws::{Message, WebSocketUpgrade};
+use axum::extract::{Path, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use futures_util::StreamExt;
+
+use outrider::pb::echo::echo_server::{Echo, EchoServer};
+use outrider::pb::echo::{EchoReply, EchoRequest};
+
+/// A running HTTP app.
+#[derive(Clone)]
+pub struct App {
+    pub addr: SocketAddr,
+    /// Requests the app has seen.
+    pub hits: Arc<AtomicUsize>,
+}
+
+impl App {
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    hits: Arc<AtomicUsize>,
+    name: &'static str,
+}
+
+/// Starts the HTTP app on 127.0.0.1 (any port). `name` is returned by `/hello`.
+pub async fn http_app(name: &'static str) -> App {
+    http_app_on("127.0.0.1:0".parse().expect("addr"), name).await
+}
+
+pub async fn http_app_on(addr: SocketAddr, name: &'static str) -> App {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let state = AppState {
+        hits: hits.clone(),
+        name,
+    };
+    let router = Router::new()
+        .route("/hello", get(hello))
+        .route("/echo", any(echo))
+        .route("/echo/{*rest}", any(echo))
+        .route("/mirror", post(mirror))
+        .route("/slow/{ms}", get(slow))
+        .route("/status/{code}", any(status))
+        .route("/bytes/{n}", get(bytes))
+        .route("/ws", get(ws))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), count))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("bind app");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    App { addr, hits }
+}
+
+async fn count(
+    State(state): State<AppState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    state.hits.fetch_add(1, Ordering::SeqCst);
+    next.run(req).await
+}
+
+async fn hello(State(state): State<AppState>) -> String {
+    format!("hello from {}", state.name)
+}
+
+async fn echo(req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, 64 << 20)
+        .await
+        .unwrap_or_default();
+    let headers: BTreeMap<String, String> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    axum::Json(serde_json::json!({
+        "method": parts.method.as_str(),
+        "path": parts.uri.path(),
+        "query": parts.uri.query(),
+        "version": format!("{:?}", parts.version),
+        "headers": headers,
+        "body_len": body.len(),
+    }))
+    .into_response()
+}
+
+async fn mirror(req: Request) -> Response {
+    Response::new(Body::from_stream(req.into_body().into_data_stream()))
+}
+
+async fn slow(Path(ms): Path<u64>) -> &'static str {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    "slow"
+}
+
+async fn status(Path(code): Path<u16>) -> Response {
+    let code = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST);
+    (code, format!("status {code}")).into_response()
+}
+
+async fn bytes(Path(n): Path<usize>) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8).collect()
+}
+
+async fn ws(upgrade: WebSocketUpgrade) -> Response {
+    upgrade.on_upgrade(|mut socket| async move {
+        while let Some(Ok(msg)) = socket.next().await {
+            let reply = match msg {
+                Message::Text(t) => Message::Text(format!("echo:{}", t.as_str()).into()),
+                Message::Binary(b) => Message::Binary(b),
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            if socket.send(reply).await.is_err() {
+                break;
+            }
+        }
+    })
+}
+
+/// The gRPC echo service.
+#[derive(Default)]
+pub struct EchoService;
+
+#[tonic::async_trait]
+impl Echo for EchoService {
+    async fn unary(
+        &self,
+        request: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<EchoReply>, tonic::Status> {
+        let peer = request
+            .metadata()
+            .get("x-outrider-peer")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let req = request.into_inner();
+        if req.delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(u64::from(req.delay_ms))).await;
+        }
+        if req.fail_code != 0 {
+            return Err(tonic::Status::new(
+                tonic::Code::from(req.fail_code),
+                "failed on purpose",
+            ));
+        }
+        Ok(tonic::Response::new(EchoReply {
+            message: req.message,
+            index: 0,
+            peer,
+        }))
+    }
+
+    type ServerStreamStream = std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = Result<EchoReply, tonic::Status>> + Send>,
+    >;
+
+    async fn server_stream(
+        &self,
+        request: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<Self::ServerStreamStream>, tonic::Status> {
+        let req = request.into_inner();
+        let delay = Duration::from_millis(u64::from(req.delay_ms));
+        let fail = req.fail_code;
+        let stream = futures_util::stream::iter(0..req.count).then(move |i| {
+            let message = req.message.clone();
+            async move {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                Ok(EchoReply {
+                    message,
+                    index: i,
+                    peer: String::new(),
+                })
+            }
+        });
+        let stream: Self::ServerStreamStream = if fail != 0 {
+            Box::pin(stream.chain(futures_util::stream::once(async move {
+                Err(tonic::Status::new(
+                    tonic::Code::from(fail),
+                    "stream failed on purpose",
+                ))
+            })))
+        } else {
+            Box::pin(stream)
+        };
+        Ok(tonic::Response::new(stream))
+    }
+}
+
+/// Starts the gRPC echo server (h2c) on 127.0.0.1.
+pub async fn grpc_app() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(EchoServer::new(EchoService))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await;
+    });
+    addr
+}
