@@ -1134,18 +1134,18 @@ async fn sidecar_killed_and_restarted_mid_stream_loses_nothing() {
     });
     let app = App::start_slow(script, Duration::from_millis(2)).await;
     let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let outbound: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("outrider.yaml");
     std::fs::write(
         &path,
         format!(
             "service: svc\nnamespace: {ns}\napp: {app}\ntls: {{ mode: disabled }}\n\
-             listen: {{ outbound: 127.0.0.1:{out}, inbound: 127.0.0.1:{inb}, admin: {admin} }}\n\
+             listen: {{ outbound: {outbound}, inbound: 127.0.0.1:{inb}, admin: {admin} }}\n\
              shutdown_grace: 1s\n\
              broker:\n  url: {AMQP}\n  exchange: {ns}.x\n  publishes: [e]\n  subscriptions:\n\
              \x20   - {{ event: e, deliver: /events/e, prefetch: 32, max_attempts: 5, retry_backoff: {{ base: 300ms, max: 1s }} }}\n",
             app = app.addr,
-            out = free_port(),
             inb = free_port(),
         ),
     )
@@ -1257,6 +1257,25 @@ async fn sidecar_killed_and_restarted_mid_stream_loses_nothing() {
         retried >= N / 10,
         "every 10th message was retried at least once"
     );
+
+    // The publish API through the sidecar's outbound listener, and its admin view.
+    let published = post(outbound, "/v1/events/e", "via-outbound", "{}").await;
+    assert!(published["message_id"].is_string());
+    let seen = app.wait_for(all.len() + 1, Duration::from_secs(5)).await;
+    assert!(
+        seen.iter()
+            .any(|s| s.header("x-correlation-id") == "via-outbound")
+    );
+    let metrics = client()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(metrics.contains("outrider_broker_connected 1"), "{metrics}");
+    assert!(metrics.contains(r#"outrider_broker_published_total{target="e"} 1"#));
 
     let _ = client()
         .post(format!("http://{admin}/shutdown"))
