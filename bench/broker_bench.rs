@@ -70,56 +70,22 @@ async fn main() -> Result<(), Error> {
         declare(&ch, q).await?;
     }
 
-    // 1 + 2: publish.
-    let mut rows = Vec::new();
-    let full = raw_publish(&ch, &raw_q, n, usize::MAX, &payload).await?;
-    purge(&ch, &raw_q).await?;
-    println!("publish raw, fully pipelined            {full:>9.0} msg/s");
-    let app = start_app().await?;
+    // Each round measures everything once, interleaved, so a busy neighbour skews every
+    // figure alike; the medians are reported.
+    let rounds = env_usize("BENCH_ROUNDS", 3).max(1);
+    let mut m: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    let pub_app = start_app().await?;
     let yaml = format!(
         "service: bench\nnamespace: bench\napp: {}\ntls: {{ mode: disabled }}\n\
          broker:\n  url: {amqp}\n  exchange: {ns}.x\n  enqueues: [{bridge_q}]\n",
-        app.addr
+        pub_app.addr
     );
     let cfg = outrider::config::load_str(&yaml, "bench.yaml", &std::env::temp_dir(), Vec::new())
         .map_err(|e| e.to_string())?
         .config;
-    let bridge = Bridge::start(&cfg, Arc::new(Metrics::new()));
-    wait_ready(&bridge).await?;
-    let addr = serve_bridge(bridge.clone()).await?;
-    for concurrency in [16, 32, 64] {
-        let raw = raw_concurrent(&ch, &raw_q, n, concurrency, &payload).await?;
-        purge(&ch, &raw_q).await?;
-        let via = http_publish(
-            addr,
-            &format!("/v1/queues/{bridge_q}"),
-            n,
-            concurrency,
-            &payload,
-        )
-        .await?;
-        purge(&ch, &bridge_q).await?;
-        println!(
-            "publish raw, {concurrency:>2} concurrent publishers  {raw:>9.0} msg/s\n\
-             publish via bridge HTTP, {concurrency:>2} concurrent    {via:>9.0} msg/s   ratio {:.2} (vs fully pipelined {:.2})",
-            via / raw,
-            via / full
-        );
-        rows.push((format!("publish c={concurrency}"), raw, via));
-    }
-    bridge.shutdown().await;
-
-    // 3: raw consume + ack: each ack awaited before the next delivery (the usual loop), and
-    // acks sent from spawned tasks (the best a consumer can do with per-message acks).
-    fill(&ch, &raw_q, n, &payload).await?;
-    let raw_inline = raw_consume(&conn, &raw_q, n, prefetch, false).await?;
-    println!("consume+ack raw, prefetch {prefetch}, inline   {raw_inline:>9.0} msg/s");
-    fill(&ch, &raw_q, n, &payload).await?;
-    let raw = raw_consume(&conn, &raw_q, n, prefetch, true).await?;
-    println!("consume+ack raw, prefetch {prefetch}, spawned  {raw:>9.0} msg/s");
-
-    // 4: delivery through the bridge to a trivial app.
-    fill(&ch, &work_q, n, &payload).await?;
+    let publisher = Bridge::start(&cfg, Arc::new(Metrics::new()));
+    wait_ready(&publisher).await?;
+    let addr = serve_bridge(publisher.clone()).await?;
     let app = start_app().await?;
     let yaml = format!(
         "service: bench\nnamespace: bench\napp: {}\ntls: {{ mode: disabled }}\n\
@@ -127,19 +93,75 @@ async fn main() -> Result<(), Error> {
          \x20   - {{ queue: {work_q}, deliver: /work, prefetch: {prefetch} }}\n",
         app.addr
     );
-    let cfg = outrider::config::load_str(&yaml, "bench.yaml", &std::env::temp_dir(), Vec::new())
-        .map_err(|e| e.to_string())?
-        .config;
-    let bridge = Bridge::start(&cfg, Arc::new(Metrics::new()));
-    let via = app.rate(n).await?;
-    bridge.shutdown().await;
+    let sub_cfg =
+        outrider::config::load_str(&yaml, "bench.yaml", &std::env::temp_dir(), Vec::new())
+            .map_err(|e| e.to_string())?
+            .config;
+    const KEYS: [(&str, &str, &str); 3] = [
+        ("raw16", "via16", "16"),
+        ("raw32", "via32", "32"),
+        ("raw64", "via64", "64"),
+    ];
+    for round in 1..=rounds {
+        let full = raw_publish(&ch, &raw_q, n, usize::MAX, &payload).await?;
+        purge(&ch, &raw_q).await?;
+        m.entry("full").or_default().push(full);
+        for (raw_key, via_key, c) in KEYS {
+            let c: usize = c.parse()?;
+            let raw = raw_concurrent(&ch, &raw_q, n, c, &payload).await?;
+            purge(&ch, &raw_q).await?;
+            let path = format!("/v1/queues/{bridge_q}");
+            let via = http_publish(addr, &path, n, c, &payload).await?;
+            purge(&ch, &bridge_q).await?;
+            m.entry(raw_key).or_default().push(raw);
+            m.entry(via_key).or_default().push(via);
+        }
+        fill(&ch, &raw_q, n, &payload).await?;
+        let inline = raw_consume(&conn, &raw_q, n, prefetch, false).await?;
+        purge(&ch, &raw_q).await?;
+        fill(&ch, &raw_q, n, &payload).await?;
+        let spawned = raw_consume(&conn, &raw_q, n, prefetch, true).await?;
+        purge(&ch, &raw_q).await?;
+        fill(&ch, &work_q, n, &payload).await?;
+        app.reset();
+        let subscriber = Bridge::start(&sub_cfg, Arc::new(Metrics::new()));
+        let deliver = app.rate(n).await?;
+        subscriber.shutdown().await;
+        purge(&ch, &work_q).await?;
+        m.entry("inline").or_default().push(inline);
+        m.entry("spawned").or_default().push(spawned);
+        m.entry("deliver").or_default().push(deliver);
+        println!(
+            "round {round}: full {full:.0}, consume inline {inline:.0} / spawned {spawned:.0}, deliver {deliver:.0} msg/s"
+        );
+    }
+    publisher.shutdown().await;
+
+    let med = |key: &str| -> f64 {
+        let mut v = m.get(key).cloned().unwrap_or_default();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let full = med("full");
+    println!("\nmedians of {rounds} rounds, msg/s (1 KiB persistent messages, N = {n}):");
+    println!("  publish raw, fully pipelined (upper bound)       {full:>8.0}");
+    for (raw_key, via_key, c) in KEYS {
+        let (raw, via) = (med(raw_key), med(via_key));
+        println!(
+            "  publish c={c}: raw {raw:>8.0}   via bridge HTTP {via:>8.0}   = {:>3.0} % of raw at c={c}, {:>3.0} % of fully pipelined",
+            100.0 * via / raw,
+            100.0 * via / full
+        );
+    }
+    let (inline, spawned, deliver) = (med("inline"), med("spawned"), med("deliver"));
     println!(
-        "delivery via bridge to app, prefetch {prefetch} {via:>9.0} msg/s   ratio {:.2} (vs inline acks {:.2})",
-        via / raw,
-        via / raw_inline
+        "  consume+ack raw (prefetch {prefetch}): acks inline {inline:>8.0}, acks spawned {spawned:>8.0}"
     );
-    rows.push(("deliver/inline".into(), raw_inline, via));
-    rows.push(("deliver/spawned".into(), raw, via));
+    println!(
+        "  delivery via bridge to app (prefetch {prefetch}) {deliver:>8.0}   = {:>3.0} % of inline-ack raw, {:>3.0} % of spawned-ack raw",
+        100.0 * deliver / inline,
+        100.0 * deliver / spawned
+    );
 
     // Every queue of this run, retry holding queues included.
     let listed = tokio::process::Command::new("rabbitmqctl")
@@ -168,13 +190,6 @@ async fn main() -> Result<(), Error> {
     let _ = ch
         .exchange_delete(format!("{ns}.x").as_str().into(), Default::default())
         .await;
-    println!("\nsummary (through bridge / raw):");
-    for (what, raw, via) in rows {
-        println!(
-            "  {what:<14} {via:>8.0} / {raw:>8.0} msg/s = {:>4.0} %",
-            100.0 * via / raw
-        );
-    }
     let _ = conn.close(200, "bench done".into()).await;
     Ok(())
 }
@@ -455,6 +470,13 @@ async fn start_app() -> Result<App, Error> {
 }
 
 impl App {
+    fn reset(&self) {
+        self.count.store(0, Ordering::Relaxed);
+        if let Ok(mut first) = self.first.lock() {
+            *first = None;
+        }
+    }
+
     /// Waits for `n` requests; msg/s from the first to the n-th.
     async fn rate(&self, n: usize) -> Result<f64, Error> {
         let deadline = Instant::now() + Duration::from_secs(300);
