@@ -1261,11 +1261,28 @@ async fn sidecar_killed_and_restarted_mid_stream_loses_nothing() {
     // The publish API through the sidecar's outbound listener, and its admin view.
     let published = post(outbound, "/v1/events/e", "via-outbound", "{}").await;
     assert!(published["message_id"].is_string());
-    let seen = app.wait_for(all.len() + 1, Duration::from_secs(5)).await;
-    assert!(
-        seen.iter()
-            .any(|s| s.header("x-correlation-id") == "via-outbound")
-    );
+    let mut grpc =
+        outrider::pb::broker::broker_client::BrokerClient::connect(format!("http://{outbound}"))
+            .await
+            .expect("grpc connect to the outbound listener");
+    let reply = grpc
+        .publish(outrider::pb::broker::PublishRequest {
+            event: "e".into(),
+            payload: b"{}".to_vec(),
+            content_type: "application/json".into(),
+            correlation_id: "via-outbound-grpc".into(),
+        })
+        .await
+        .expect("grpc publish through the outbound listener")
+        .into_inner();
+    assert_eq!(reply.correlation_id, "via-outbound-grpc");
+    let seen = app.wait_for(all.len() + 2, Duration::from_secs(5)).await;
+    for id in ["via-outbound", "via-outbound-grpc"] {
+        assert!(
+            seen.iter().any(|s| s.header("x-correlation-id") == id),
+            "{id}"
+        );
+    }
     let metrics = client()
         .get(format!("http://{admin}/metrics"))
         .send()
@@ -1275,7 +1292,7 @@ async fn sidecar_killed_and_restarted_mid_stream_loses_nothing() {
         .await
         .expect("metrics text");
     assert!(metrics.contains("outrider_broker_connected 1"), "{metrics}");
-    assert!(metrics.contains(r#"outrider_broker_published_total{target="e"} 1"#));
+    assert!(metrics.contains(r#"outrider_broker_published_total{target="e"} 2"#));
 
     let _ = client()
         .post(format!("http://{admin}/shutdown"))
