@@ -136,7 +136,7 @@ impl Subscription {
         channel: &Channel,
         exchange: &str,
         queue_type: QueueType,
-    ) -> lapin::Result<()> {
+    ) -> Result<(), String> {
         let s = &self.settings;
         let delays = topology::retry_delays(&s.backoff, s.max_attempts);
         let binding = s.is_event.then_some((exchange, s.target.as_str()));
@@ -147,23 +147,27 @@ impl Subscription {
         &self,
         conn: &Connection,
         index: usize,
-    ) -> lapin::Result<(Channel, Consumer)> {
-        let channel = conn.create_channel().await?;
+    ) -> Result<(Channel, Consumer), String> {
+        let queue = topology::short(&self.settings.queue)?;
+        let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+            .await
+            .map_err(|e| e.to_string())?;
         channel
             .basic_qos(self.settings.prefetch, BasicQosOptions::default())
-            .await?;
+            .await
+            .map_err(|e| e.to_string())?;
         let tag = format!("outrider-{}-{index}-{}", self.service, std::process::id());
         let consumer = channel
             .basic_consume(
-                ShortString::from(self.settings.queue.as_str()),
+                queue,
                 ShortString::try_new(tag).unwrap_or_else(|_| ShortString::from("outrider")),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
-            .await?;
+            .await
+            .map_err(|e| e.to_string())?;
         Ok((channel, consumer))
     }
 

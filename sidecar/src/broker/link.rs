@@ -369,20 +369,14 @@ async fn setup(
         .create_channel()
         .await
         .map_err(|e| format!("open channel: {e}"))?;
-    topology::declare_exchange(&ch, &s.exchange)
-        .await
-        .map_err(|e| format!("declare exchange `{}`: {e}", s.exchange))?;
+    topology::declare_exchange(&ch, &s.exchange).await?;
     let mut enqueues: Vec<&String> = s.enqueues.iter().collect();
     enqueues.sort();
     for queue in enqueues {
-        topology::declare_queue(&ch, queue, s.queue_type)
-            .await
-            .map_err(|e| format!("declare queue `{queue}`: {e}"))?;
+        topology::declare_queue(&ch, queue, s.queue_type).await?;
     }
     for sub in &shared.subscriptions {
-        sub.declare(&ch, &s.exchange, s.queue_type)
-            .await
-            .map_err(|e| format!("declare queues of `{}`: {e}", sub.settings.queue))?;
+        sub.declare(&ch, &s.exchange, s.queue_type).await?;
     }
     let _ = ch.close(200, ShortString::from("topology declared")).await;
 

@@ -53,6 +53,12 @@ pub(crate) fn retry_delays(backoff: &Backoff, max_attempts: u32) -> Vec<Duration
     delays
 }
 
+/// An AMQP name (at most 255 bytes): long namespace, service and event names can exceed it.
+pub(crate) fn short(name: &str) -> Result<ShortString, String> {
+    ShortString::try_new(name)
+        .map_err(|_| format!("`{name}` is longer than the 255 bytes AMQP allows for a name"))
+}
+
 fn queue_args(queue_type: QueueType) -> FieldTable {
     let mut args = FieldTable::default();
     if queue_type == QueueType::Quorum {
@@ -71,10 +77,10 @@ fn durable() -> QueueDeclareOptions {
     }
 }
 
-pub(crate) async fn declare_exchange(channel: &Channel, exchange: &str) -> lapin::Result<()> {
+pub(crate) async fn declare_exchange(channel: &Channel, exchange: &str) -> Result<(), String> {
     channel
         .exchange_declare(
-            ShortString::from(exchange),
+            short(exchange)?,
             ExchangeKind::Topic,
             ExchangeDeclareOptions {
                 durable: true,
@@ -83,6 +89,7 @@ pub(crate) async fn declare_exchange(channel: &Channel, exchange: &str) -> lapin
             FieldTable::default(),
         )
         .await
+        .map_err(|e| format!("declare exchange `{exchange}`: {e}"))
 }
 
 /// A plain durable queue: work queues (both sides), consumed queues and dead-letter queues.
@@ -90,11 +97,12 @@ pub(crate) async fn declare_queue(
     channel: &Channel,
     queue: &str,
     queue_type: QueueType,
-) -> lapin::Result<()> {
+) -> Result<(), String> {
     channel
-        .queue_declare(ShortString::from(queue), durable(), queue_args(queue_type))
+        .queue_declare(short(queue)?, durable(), queue_args(queue_type))
         .await
         .map(|_| ())
+        .map_err(|e| format!("declare queue `{queue}`: {e}"))
 }
 
 /// Everything a consumed queue needs: itself, its `.dlq`, its retry holding queues, and for an
@@ -105,7 +113,7 @@ pub(crate) async fn declare_consumed(
     binding: Option<(&str, &str)>,
     queue_type: QueueType,
     retry_delays: &[Duration],
-) -> lapin::Result<()> {
+) -> Result<(), String> {
     declare_queue(channel, queue, queue_type).await?;
     declare_queue(channel, &dlq_name(queue), queue_type).await?;
     for delay in retry_delays {
@@ -133,24 +141,23 @@ pub(crate) async fn declare_consumed(
                 AMQPValue::LongString(LongString::from("reject-publish")),
             );
         }
+        let holding = retry_queue_name(queue, *delay);
         channel
-            .queue_declare(
-                ShortString::from(retry_queue_name(queue, *delay)),
-                durable(),
-                args,
-            )
-            .await?;
+            .queue_declare(short(&holding)?, durable(), args)
+            .await
+            .map_err(|e| format!("declare queue `{holding}`: {e}"))?;
     }
     if let Some((exchange, routing_key)) = binding {
         channel
             .queue_bind(
-                ShortString::from(queue),
-                ShortString::from(exchange),
-                ShortString::from(routing_key),
+                short(queue)?,
+                short(exchange)?,
+                short(routing_key)?,
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
-            .await?;
+            .await
+            .map_err(|e| format!("bind queue `{queue}` to `{exchange}`: {e}"))?;
     }
     Ok(())
 }
