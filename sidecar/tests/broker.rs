@@ -700,7 +700,18 @@ async fn delivery_headers_and_retry_until_success() {
     let addr = serve_bridge(bridge.clone()).await;
     wait_ready(&bridge).await;
 
-    let published = post(addr, "/v1/events/e", "c-retry", r#"{"n":1}"#).await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let resp = client()
+        .post(format!("http://{addr}/v1/events/e"))
+        .header("content-type", "application/json")
+        .header("x-correlation-id", "c-retry")
+        .header("traceparent", traceparent)
+        .body(r#"{"n":1}"#)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status(), 202);
+    let published: serde_json::Value = resp.json().await.expect("json");
     let seen = app.wait_for(3, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let seen_now = app.seen();
@@ -718,6 +729,7 @@ async fn delivery_headers_and_retry_until_success() {
             published["message_id"].as_str().unwrap_or("?")
         );
         assert_eq!(s.header("x-event"), "e");
+        assert_eq!(s.header("traceparent"), traceparent);
         assert_eq!(s.body, Bytes::from_static(br#"{"n":1}"#));
     }
     assert_eq!(

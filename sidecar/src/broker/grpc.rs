@@ -46,8 +46,12 @@ fn correlation_id<T>(req: &Request<T>, field: String) -> Option<String> {
     if !field.is_empty() {
         return Some(field);
     }
+    metadata(req, "x-correlation-id")
+}
+
+fn metadata<T>(req: &Request<T>, key: &str) -> Option<String> {
     req.metadata()
-        .get("x-correlation-id")
+        .get(key)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
 }
@@ -92,6 +96,7 @@ impl Broker for GrpcApi {
         request: Request<PublishRequest>,
     ) -> Result<Response<PublishReply>, Status> {
         let correlation = correlation_id(&request, request.get_ref().correlation_id.clone());
+        let traceparent = metadata(&request, "traceparent");
         let msg = request.into_inner();
         reply(
             publish::publish(
@@ -100,6 +105,7 @@ impl Broker for GrpcApi {
                 msg.payload.into(),
                 content_type(msg.content_type),
                 correlation,
+                traceparent,
             )
             .await,
         )
@@ -110,6 +116,7 @@ impl Broker for GrpcApi {
         request: Request<EnqueueRequest>,
     ) -> Result<Response<PublishReply>, Status> {
         let correlation = correlation_id(&request, request.get_ref().correlation_id.clone());
+        let traceparent = metadata(&request, "traceparent");
         let msg = request.into_inner();
         reply(
             publish::publish(
@@ -118,6 +125,7 @@ impl Broker for GrpcApi {
                 msg.payload.into(),
                 content_type(msg.content_type),
                 correlation,
+                traceparent,
             )
             .await,
         )

@@ -87,7 +87,7 @@ impl Bridge {
     ) -> Result<Published, PublishError> {
         match &self.shared {
             Some(shared) => {
-                publish::publish(shared, target, payload, content_type, correlation_id).await
+                publish::publish(shared, target, payload, content_type, correlation_id, None).await
             }
             None => Err(PublishError::Unavailable(
                 "no broker is configured for this sidecar".into(),

@@ -200,7 +200,16 @@ async fn publish_http(
     };
     let content_type = header(&http::header::CONTENT_TYPE)?;
     let correlation_id = header(&http::HeaderName::from_static("x-correlation-id"))?;
-    publish(shared, target, payload, content_type, correlation_id).await
+    let traceparent = header(&http::HeaderName::from_static("traceparent"))?;
+    publish(
+        shared,
+        target,
+        payload,
+        content_type,
+        correlation_id,
+        traceparent,
+    )
+    .await
 }
 
 fn too_large(max: u64) -> PublishError {
@@ -252,6 +261,7 @@ pub(crate) async fn publish(
     payload: Bytes,
     content_type: Option<String>,
     correlation_id: Option<String>,
+    traceparent: Option<String>,
 ) -> Result<Published, PublishError> {
     authorize(shared, &target)?;
     let s = &shared.settings;
@@ -275,6 +285,15 @@ pub(crate) async fn publish(
         .with_timestamp(super::deliver::unix_now())
         .with_app_id(short("service", s.service.clone())?)
         .with_type(short("target name", name.to_string())?);
+    if let Some(tp) = traceparent.filter(|t| !t.is_empty()) {
+        // Kept with the message so the delivery to the subscriber continues the trace.
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(
+            "traceparent".into(),
+            lapin::types::AMQPValue::LongString(tp.as_str().into()),
+        );
+        props = props.with_headers(headers);
+    }
     if let Some(ct) = content_type.filter(|c| !c.is_empty()) {
         props = props.with_content_type(short("content-type", ct)?);
     }
