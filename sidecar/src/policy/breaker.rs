@@ -280,9 +280,9 @@ where
                 guard.record(outcome);
                 Poll::Ready(result)
             }
-            BreakerProj::Refused { error } => Poll::Ready(Err(error
-                .take()
-                .unwrap_or(PolicyError::CircuitOpen))),
+            BreakerProj::Refused { error } => {
+                Poll::Ready(Err(error.take().unwrap_or(PolicyError::CircuitOpen)))
+            }
         }
     }
 }
@@ -306,10 +306,7 @@ mod tests {
     }
 
     fn breaker() -> Breaker {
-        Breaker::new(
-            Arc::from("svc"),
-            IntGauge::new("g", "g").expect("gauge"),
-        )
+        Breaker::new(Arc::from("svc"), IntGauge::new("g", "g").expect("gauge"))
     }
 
     fn fail(b: &Breaker, c: &CircuitBreaker) {

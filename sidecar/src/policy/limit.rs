@@ -216,17 +216,20 @@ where
                 let result = ready!(inner.poll(cx));
                 Poll::Ready(result.map(|response| match permit.take() {
                     // Only a concurrency slot needs to outlive the response head.
-                    Some(permit) if permit.0.is_some() => {
-                        response.map(|body| http_body_util::BodyExt::boxed_unsync(PermitBody { body, _permit: permit }))
-                    }
+                    Some(permit) if permit.0.is_some() => response.map(|body| {
+                        http_body_util::BodyExt::boxed_unsync(PermitBody {
+                            body,
+                            _permit: permit,
+                        })
+                    }),
                     _ => response,
                 }))
             }
-            LimitProj::Refused { error } => Poll::Ready(Err(error.take().unwrap_or(
-                PolicyError::RateLimited {
+            LimitProj::Refused { error } => {
+                Poll::Ready(Err(error.take().unwrap_or(PolicyError::RateLimited {
                     retry_after: BUSY_RETRY_AFTER,
-                },
-            ))),
+                })))
+            }
         }
     }
 }

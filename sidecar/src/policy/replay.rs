@@ -68,7 +68,7 @@ impl Replay {
                 pos: 0,
                 rest: None,
                 trailers_sent: false,
-                hint: hint.clone(),
+                hint: *hint,
             }),
         }
     }
@@ -182,7 +182,7 @@ impl HttpBody for ReplayBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.hint.clone()
+        self.hint
     }
 }
 
@@ -196,12 +196,18 @@ impl Drop for ReplayBody {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::proxy::http::full;
     use http_body_util::BodyExt;
+
+    fn replayable(body: Body) -> Replay {
+        match Replay::new(body, 64) {
+            Ok(replay) => replay,
+            Err(_) => panic!("expected a replayable body"),
+        }
+    }
 
     async fn read(body: Body) -> Result<Bytes, BoxError> {
         Ok(body.collect().await?.to_bytes())
@@ -209,7 +215,7 @@ mod tests {
 
     #[tokio::test]
     async fn replays_a_small_body() {
-        let replay = Replay::new(full("hello"), 64).ok().expect("replayable");
+        let replay = replayable(full("hello"));
         assert_eq!(read(replay.body()).await.expect("first"), "hello");
         assert!(replay.can_replay());
         assert_eq!(read(replay.body()).await.expect("second"), "hello");
@@ -217,7 +223,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unread_body_survives_a_failed_attempt() {
-        let replay = Replay::new(full("hello"), 64).ok().expect("replayable");
+        let replay = replayable(full("hello"));
         drop(replay.body()); // e.g. a connect error: never polled
         assert!(replay.can_replay());
         assert_eq!(read(replay.body()).await.expect("retry"), "hello");
@@ -230,7 +236,7 @@ mod tests {
             (0..4).map(|_| Ok::<_, BoxError>(Frame::data(Bytes::from(vec![1u8; 30])))),
         );
         let streamed = http_body_util::StreamBody::new(chunks).boxed_unsync();
-        let replay = Replay::new(streamed, 64).ok().expect("unknown size");
+        let replay = replayable(streamed);
         assert_eq!(read(replay.body()).await.expect("first").len(), 120);
         assert!(!replay.can_replay());
     }

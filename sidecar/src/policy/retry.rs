@@ -34,7 +34,7 @@ use tower::{Layer, Service};
 
 use super::replay::Replay;
 use super::{Failure, PolicyError, ServiceState, grpc_status};
-use crate::config::Policy;
+use crate::config::{self, Policy};
 use crate::proxy::http::{Body, is_upgrade_head};
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, PolicyError>> + Send>>;
@@ -44,15 +44,24 @@ type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, PolicyError>
 pub struct RetryLayer {
     state: Arc<ServiceState>,
     policy: Arc<Policy>,
+    /// The service's budget settings (per service, not per route: one budget per service).
+    budget: config::RetryBudget,
     deadline: Instant,
     grpc: bool,
 }
 
 impl RetryLayer {
-    pub fn new(state: Arc<ServiceState>, policy: Arc<Policy>, deadline: Instant, grpc: bool) -> Self {
+    pub fn new(
+        state: Arc<ServiceState>,
+        policy: Arc<Policy>,
+        budget: config::RetryBudget,
+        deadline: Instant,
+        grpc: bool,
+    ) -> Self {
         Self {
             state,
             policy,
+            budget,
             deadline,
             grpc,
         }
@@ -92,6 +101,8 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
+        // Every original request earns the service's budget, retried or not.
+        self.layer.state.budget(self.layer.budget).deposit();
         let retry = &self.layer.policy.retry;
         if retry.attempts <= 1 || is_upgrade_head(req.version(), req.headers()) {
             return Either::Left(self.inner.call(req));
@@ -104,7 +115,12 @@ where
         // The clone that was made ready is used for the first attempt.
         let ready = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, ready);
-        Either::Right(Box::pin(retry_loop(inner, parts, replay, self.layer.clone())))
+        Either::Right(Box::pin(retry_loop(
+            inner,
+            parts,
+            replay,
+            self.layer.clone(),
+        )))
     }
 }
 
@@ -144,14 +160,12 @@ where
         if !replay.can_replay() {
             return result;
         }
-        let wait = retry_after.unwrap_or_else(|| backoff(retry.backoff.base, retry.backoff.max, attempt));
+        let wait =
+            retry_after.unwrap_or_else(|| backoff(retry.backoff.base, retry.backoff.max, attempt));
         if Instant::now() + wait >= layer.deadline {
             return result;
         }
-        let budget = layer
-            .state
-            .budget(retry.budget);
-        if !budget.withdraw() {
+        if !layer.state.budget(layer.budget).withdraw() {
             tracing::debug!(service = %layer.state.service, "retry budget spent: not retrying");
             return result;
         }
@@ -208,7 +222,12 @@ async fn judge(
 
 fn status_verdict(response: &Response<Body>, idempotent: bool, policy: &Policy) -> Verdict {
     if idempotent && policy.retry.on.status(response.status().as_u16()) {
-        Verdict::Retry(response.headers().get(RETRY_AFTER).and_then(parse_retry_after))
+        Verdict::Retry(
+            response
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(parse_retry_after),
+        )
     } else {
         Verdict::Done
     }
@@ -216,7 +235,10 @@ fn status_verdict(response: &Response<Body>, idempotent: bool, policy: &Policy) 
 
 /// Reads the first frame of a gRPC response body. Returns the response (with that frame put
 /// back) and the `grpc-status` if the frame was the trailers.
-async fn peek_trailers(response: Response<Body>, deadline: Instant) -> (Response<Body>, Option<i32>) {
+async fn peek_trailers(
+    response: Response<Body>,
+    deadline: Instant,
+) -> (Response<Body>, Option<i32>) {
     let (parts, mut body) = response.into_parts();
     if body.is_end_stream() {
         return (Response::from_parts(parts, body), None);
@@ -227,7 +249,10 @@ async fn peek_trailers(response: Response<Body>, deadline: Instant) -> (Response
         Err(_) => return (Response::from_parts(parts, body), None),
     };
     let Some(first) = first else {
-        return (Response::from_parts(parts, crate::proxy::http::empty()), None);
+        return (
+            Response::from_parts(parts, crate::proxy::http::empty()),
+            None,
+        );
     };
     let code = first
         .as_ref()
@@ -236,8 +261,8 @@ async fn peek_trailers(response: Response<Body>, deadline: Instant) -> (Response
         .and_then(grpc_status);
     let front = futures_util::stream::once(std::future::ready(first));
     let rest = http_body_util::BodyStream::new(body);
-    let body = http_body_util::StreamBody::new(futures_util::StreamExt::chain(front, rest))
-        .boxed_unsync();
+    let body =
+        http_body_util::StreamBody::new(futures_util::StreamExt::chain(front, rest)).boxed_unsync();
     (Response::from_parts(parts, body), code)
 }
 
@@ -257,12 +282,17 @@ pub fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     let at = httpdate::parse_http_date(text).ok()?;
-    Some(at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 /// Full jitter: uniform in `[0, min(max, base·2^(attempt-1))]`.
 pub fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
-    let factor = 1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
+    let factor = 1u32
+        .checked_shl(attempt.saturating_sub(1))
+        .unwrap_or(u32::MAX);
     let cap = base.saturating_mul(factor).min(max);
     let nanos = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
     Duration::from_nanos(rand::random_range(0..=nanos))
@@ -315,5 +345,129 @@ mod tests {
         assert!(is_idempotent(&Method::PUT));
         assert!(!is_idempotent(&Method::POST));
         assert!(!is_idempotent(&Method::PATCH));
+    }
+}
+
+#[cfg(test)]
+mod layer_tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use prometheus::{IntCounter, IntGauge};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::config::{Backoff, CircuitBreaker, Fallback, Outlier, RetryOn};
+    use crate::proxy::http::empty;
+
+    fn policy(attempts: u32, ratio: f64, min_per_second: u32) -> Arc<Policy> {
+        Arc::new(Policy {
+            timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(1),
+            retry: config::Retry {
+                attempts,
+                backoff: Backoff {
+                    base: Duration::from_millis(1),
+                    max: Duration::from_millis(2),
+                },
+                on: RetryOn {
+                    statuses: vec![503],
+                    connect_error: true,
+                    grpc_codes: vec![14],
+                },
+                budget: config::RetryBudget {
+                    ratio,
+                    min_per_second,
+                },
+                max_body: 1024,
+            },
+            circuit_breaker: CircuitBreaker {
+                consecutive_failures: 1_000_000,
+                open_for: Duration::from_secs(1),
+                max_open_for: Duration::from_secs(1),
+                fallback: Fallback {
+                    status: 503,
+                    content_type: String::new(),
+                    body: String::new(),
+                },
+            },
+            outlier: Outlier {
+                consecutive_failures: 3,
+                eject_for: Duration::from_secs(1),
+            },
+            retry_non_idempotent: false,
+        })
+    }
+
+    fn state(budget: config::RetryBudget) -> Arc<ServiceState> {
+        Arc::new(ServiceState::new(
+            "svc",
+            budget,
+            IntCounter::new("r", "r").expect("metric"),
+            IntCounter::new("e", "e").expect("metric"),
+            IntGauge::new("g", "g").expect("metric"),
+        ))
+    }
+
+    /// Answers 503 always; counts calls.
+    fn failing(
+        calls: Arc<AtomicUsize>,
+    ) -> impl Service<
+        Request<Body>,
+        Response = Response<Body>,
+        Error = PolicyError,
+        Future = std::future::Ready<Result<Response<Body>, PolicyError>>,
+    > + Clone
+    + Send
+    + 'static {
+        tower::service_fn(move |_req: Request<Body>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let mut r = Response::new(empty());
+            *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+            std::future::ready(Ok(r))
+        })
+    }
+
+    #[tokio::test]
+    async fn budget_bounds_retries_of_a_stream_of_failures() {
+        let p = policy(3, 0.2, 0);
+        let st = state(p.retry.budget);
+        let calls = Arc::new(AtomicUsize::new(0));
+        for _ in 0..100 {
+            let layer = RetryLayer::new(
+                st.clone(),
+                p.clone(),
+                p.retry.budget,
+                Instant::now() + Duration::from_secs(2),
+                false,
+            );
+            let r = layer
+                .layer(failing(calls.clone()))
+                .oneshot(Request::new(empty()))
+                .await
+                .expect("response");
+            assert_eq!(r.status(), 503);
+        }
+        let calls = calls.load(Ordering::SeqCst);
+        assert!((118..=120).contains(&calls), "{calls}");
+        assert_eq!(st.retries.get() as usize, calls - 100);
+    }
+
+    #[tokio::test]
+    async fn one_attempt_passes_through() {
+        let p = policy(1, 0.2, 10);
+        let st = state(p.retry.budget);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = RetryLayer::new(
+            st,
+            p.clone(),
+            p.retry.budget,
+            Instant::now() + Duration::from_secs(2),
+            false,
+        );
+        let mut svc = layer.layer(failing(calls.clone()));
+        let fut = svc.call(Request::new(empty()));
+        assert!(matches!(fut, Either::Left(_)), "no boxing, no buffering");
+        assert_eq!(fut.await.expect("response").status(), 503);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 }

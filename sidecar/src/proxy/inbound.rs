@@ -8,9 +8,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use http::header::HeaderValue;
 use http::{Request, Response, StatusCode, Uri};
-use futures_util::FutureExt;
 use hyper::body::Incoming;
 
 use tower::{Layer, ServiceExt, service_fn};

@@ -105,10 +105,12 @@ impl Shared {
         let state = Arc::new(ServiceState::new(
             &target.service,
             config.policies.for_service(&target.service).retry.budget,
-            m.retries_total.with_label_values(&[target.service.as_str()]),
+            m.retries_total
+                .with_label_values(&[target.service.as_str()]),
             m.outlier_ejections_total
                 .with_label_values(&[target.service.as_str()]),
-            m.circuit_state.with_label_values(&[target.service.as_str()]),
+            m.circuit_state
+                .with_label_values(&[target.service.as_str()]),
         ));
         let upstream = Arc::new(Upstream {
             balancer: Balancer::new(transport, target.endpoints()),

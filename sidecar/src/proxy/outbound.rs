@@ -25,11 +25,11 @@ use super::http::{
     ensure_correlation_id, grpc_timeout_value, is_grpc, is_upgrade_head, parse_grpc_timeout,
     strip_hop_by_hop,
 };
+use super::pool::SendError;
 use super::route::{is_local, parse_authority};
 use super::{Shared, Upstream, server};
-use super::pool::SendError;
 use crate::balance::NoEndpoint;
-use crate::config::Policy;
+use crate::config::{Policy, RetryBudget};
 use crate::policy::{BreakerLayer, Failure, PolicyError, RetryLayer, TimeoutLayer};
 
 /// How long a request waits for a new service's first endpoint resolution.
@@ -124,7 +124,9 @@ pub async fn handle(
     if upgrade && let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() {
         parts
             .extensions
-            .insert(ClientUpgrade(Arc::new(std::sync::Mutex::new(Some(on_upgrade)))));
+            .insert(ClientUpgrade(Arc::new(std::sync::Mutex::new(Some(
+                on_upgrade,
+            )))));
     }
     strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.headers.remove(OUTRIDER_PEER);
@@ -134,6 +136,7 @@ pub async fn handle(
     let target = Target {
         upstream: upstream.clone(),
         policy: policy.clone(),
+        budget: config.policies.for_service(&service).retry.budget,
         deadline,
         timeout,
         grpc,
@@ -167,6 +170,8 @@ pub async fn handle(
 struct Target {
     upstream: Arc<Upstream>,
     policy: Arc<Policy>,
+    /// The service's retry budget settings (one budget per service).
+    budget: RetryBudget,
     deadline: tokio::time::Instant,
     timeout: Duration,
     grpc: bool,
@@ -186,6 +191,7 @@ fn call_stack(
         .layer(RetryLayer::new(
             state.clone(),
             t.policy.clone(),
+            t.budget,
             t.deadline,
             t.grpc,
         ))
@@ -236,7 +242,8 @@ fn policy_error(service: &str, policy: &Policy, error: PolicyError) -> ProxyErro
             )
         }
         PolicyError::RateLimited { retry_after } => {
-            ProxyError::new(ErrorKind::RateLimited, "too many requests").with_retry_after(retry_after)
+            ProxyError::new(ErrorKind::RateLimited, "too many requests")
+                .with_retry_after(retry_after)
         }
     }
 }

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs `cargo nextest run -p outrider ARGS` against this checkout's own `outrider` binary.
+# When several checkouts share one CARGO_TARGET_DIR, the uplifted `target/debug/outrider` is
+# whichever checkout built last, so integration tests may run another branch's binary. The
+# per-checkout copy in `deps/` (its hash depends on the checkout's path) is stable: the newest
+# one built in this checkout (its debug info names the checkout's directory) is copied aside and
+# passed to the harness as OUTRIDER_BIN.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+target="${CARGO_TARGET_DIR:-target}"
+cargo build -p outrider --bin outrider >&2
+own=""
+for f in $(ls -t "$target"/debug/deps/outrider-* | grep -v '\.d$'); do
+  if [ -x "$f" ] && grep -q "$root" "$f" && grep -q 'log-format' "$f"; then own="$f"; break; fi
+done
+[ -n "$own" ] || { echo "no outrider binary of $root found in $target" >&2; exit 1; }
+private=$(mktemp -d)/outrider
+cp "$own" "$private"
+echo "using $own (copied to $private)" >&2
+OUTRIDER_BIN="$private" cargo nextest run -p outrider "$@"
