@@ -196,8 +196,21 @@ impl Balancer {
     }
 
     /// Applies the latest endpoint set if it changed (cheap when it did not).
+    /// Called on every pick: `try_lock` keeps it non-blocking (a request that finds another
+    /// one applying an update uses the set in force).
     fn refresh(&self) {
-        let mut rx = self.resolution.lock().unwrap_or_else(|p| p.into_inner());
+        self.refresh_with(false);
+    }
+
+    fn refresh_with(&self, block: bool) {
+        let mut rx = match self.resolution.try_lock() {
+            Ok(rx) => rx,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) if block => {
+                self.resolution.lock().unwrap_or_else(|p| p.into_inner())
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
         if !rx.has_changed().unwrap_or(false) && !matches!(**self.state.load(), Resolution::Pending)
         {
             return;
@@ -234,7 +247,7 @@ impl Balancer {
             .clone();
         let _ =
             tokio::time::timeout(wait, rx.wait_for(|r| !matches!(r, Resolution::Pending))).await;
-        self.refresh();
+        self.refresh_with(true);
     }
 
     /// Picks an endpoint: two distinct live endpoints at random, the cheaper wins. Ejected
@@ -289,5 +302,102 @@ impl Balancer {
     pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
         self.refresh();
         self.endpoints.load_full()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Outlier;
+
+    fn balancer(n: u16) -> (Arc<Balancer>, watch::Sender<Resolution>) {
+        let addrs: Vec<SocketAddr> = (0..n)
+            .map(|i| SocketAddr::from(([127, 0, 0, 1], 10_000 + i)))
+            .collect();
+        let (tx, rx) = watch::channel(Resolution::Ready(addrs.into()));
+        (Balancer::new(Transport::Plain, rx), tx)
+    }
+
+    const OUTLIER: Outlier = Outlier {
+        consecutive_failures: 2,
+        eject_for: Duration::from_secs(60),
+    };
+
+    /// A request on a given endpoint (bypassing the choice).
+    fn on(b: &Balancer, addr: SocketAddr) -> InFlight {
+        let set = b.endpoints();
+        let endpoint = set
+            .iter()
+            .find(|e| e.addr == addr)
+            .expect("endpoint")
+            .clone();
+        endpoint.pending.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            endpoint,
+            set,
+            started: Instant::now(),
+            done: false,
+        }
+    }
+
+    fn fail_on(b: &Balancer, addr: SocketAddr) -> bool {
+        on(b, addr).finish(false, &OUTLIER)
+    }
+
+    #[test]
+    fn ejects_a_failing_endpoint_but_never_the_last() {
+        let (b, _tx) = balancer(2);
+        let eps = b.endpoints();
+        let (a, c) = (eps[0].addr, eps[1].addr);
+        assert!(!fail_on(&b, a));
+        assert!(fail_on(&b, a), "second consecutive failure ejects");
+        for _ in 0..50 {
+            assert_eq!(b.pick().expect("pick").endpoint.addr, c, "ejected: skipped");
+        }
+        // The other endpoint fails too: it is the last live one, so it stays.
+        assert!(!fail_on(&b, c));
+        assert!(!fail_on(&b, c), "never eject the last live endpoint");
+        assert_eq!(b.pick().expect("pick").endpoint.addr, c);
+    }
+
+    #[test]
+    fn a_failed_endpoint_looks_slow_and_pending_counts() {
+        let (b, _tx) = balancer(2);
+        let eps = b.endpoints();
+        // A fast failure is penalised: the other endpoint wins every P2C comparison.
+        let first = b.pick().expect("pick");
+        let bad = first.endpoint.addr;
+        first.finish(false, &OUTLIER);
+        assert!(
+            eps.iter()
+                .any(|e| e.addr == bad && e.latency_estimate() >= FAILURE_PENALTY / 2)
+        );
+        for _ in 0..20 {
+            let f = b.pick().expect("pick");
+            assert_ne!(f.endpoint.addr, bad);
+            f.finish(true, &OUTLIER);
+        }
+        // Requests in flight raise an endpoint's cost.
+        let (b, _tx) = balancer(2);
+        let held: Vec<InFlight> = (0..2).map(|_| b.pick().expect("pick")).collect();
+        let busy = held[0].endpoint.addr;
+        let _more: Vec<InFlight> = (0..3)
+            .filter_map(|_| {
+                let f = b.pick().expect("pick");
+                (f.endpoint.addr == busy).then_some(f)
+            })
+            .collect();
+        let pending: Vec<usize> = b.endpoints().iter().map(|e| e.pending()).collect();
+        assert!(pending.iter().all(|&p| p >= 1), "{pending:?}: load spreads");
+    }
+
+    #[test]
+    fn all_ejected_means_all_used() {
+        let (b, _tx) = balancer(1);
+        for _ in 0..10 {
+            let f = b.pick().expect("a single endpoint is always used");
+            f.finish(false, &OUTLIER);
+        }
+        assert!(b.pick().is_ok());
     }
 }
