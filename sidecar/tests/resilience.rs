@@ -421,7 +421,8 @@ async fn an_endpoint_that_refuses_connections_is_ejected_and_traffic_continues()
         Some(f64::from(u8::from(!failed.is_empty()))),
     );
 
-    // With the default retry on connect-error, no request fails at all.
+    // With the default retry on connect-error, no request fails at all, POSTs included: a
+    // refused connection provably never reached the app.
     let caller = caller_for(
         &pki,
         &[
@@ -430,8 +431,14 @@ async fn an_endpoint_that_refuses_connections_is_ejected_and_traffic_continues()
         ],
         "",
     );
-    for _ in 0..20 {
-        assert_eq!(get(&caller, "/hello").await.status, 200);
+    for i in 0..20 {
+        let method = if i % 2 == 0 {
+            reqwest::Method::POST
+        } else {
+            reqwest::Method::GET
+        };
+        let r = send(&caller, method.clone(), "/echo").await;
+        assert_eq!(r.status, 200, "{method} #{i}: {}", r.body);
     }
 }
 
