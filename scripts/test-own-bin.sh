@@ -11,7 +11,13 @@ root=$(pwd)
 target="${CARGO_TARGET_DIR:-target}"
 cargo build -p outrider --bin outrider >&2
 own=""
+# Right after the build the uplifted binary is a hard link to this checkout's deps/ file,
+# unless another checkout replaced it meanwhile: then fall back to the newest of ours.
+uplifted_inode=$(stat -c %i "$target/debug/outrider")
 for f in $(ls -t "$target"/debug/deps/outrider-* | grep -v '\.d$'); do
+  if [ "$(stat -c %i "$f")" = "$uplifted_inode" ] && grep -q "$root" "$f"; then own="$f"; break; fi
+done
+[ -n "$own" ] || for f in $(ls -t "$target"/debug/deps/outrider-* | grep -v '\.d$'); do
   if [ -x "$f" ] && grep -q "$root" "$f" && grep -q 'log-format' "$f"; then own="$f"; break; fi
 done
 [ -n "$own" ] || { echo "no outrider binary of $root found in $target" >&2; exit 1; }

@@ -365,6 +365,35 @@ async fn grpc_unavailable_is_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn grpc_status_in_real_trailers_is_retried_too() {
+    // The callee's app is down: the callee sidecar answers gRPC UNAVAILABLE in a trailers
+    // frame (not trailers-only); the caller reads that first frame and retries.
+    let pki = Pki::new();
+    let pair = Pair::start(
+        &pki,
+        "echo-service",
+        free_addr(),
+        &format!("policies:\n  default:\n    retry: {{ attempts: 3, {FAST_BACKOFF} }}\n"),
+        "",
+    );
+    let (status, grpc_status, _) = support::raw_grpc_call(
+        pair.caller.ports.outbound,
+        "echo-service",
+        "/echo.v1.Echo/Unary",
+        b"",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(grpc_status.as_deref(), Some("14"));
+    assert_eq!(
+        pair.caller
+            .metric("outrider_retries_total{service=\"echo-service\"}"),
+        Some(2.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn most_requests_go_to_the_faster_endpoint() {
     let pki = Pki::new();
     let fast = apps::http_app("fast").await;

@@ -137,10 +137,16 @@ impl HttpBody for ReplayBody {
         let Some(rest) = this.rest.as_mut() else {
             return Poll::Ready(None);
         };
-        let polled = Pin::new(rest).poll_frame(cx);
+        let polled = Pin::new(&mut *rest).poll_frame(cx);
+        let ended = rest.is_end_stream();
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 let mut s = this.state.lock().unwrap_or_else(|p| p.into_inner());
+                if ended {
+                    // The original is used up: later attempts replay without waiting for it.
+                    s.complete = true;
+                    this.rest = None;
+                }
                 if let Some(data) = frame.data_ref() {
                     s.len += data.len() as u64;
                     if s.overflow || s.len > s.max {
@@ -178,7 +184,11 @@ impl HttpBody for ReplayBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        false
+        if self.rest.is_some() {
+            return false;
+        }
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.complete && self.pos >= s.chunks.len() && (s.trailers.is_none() || self.trailers_sent)
     }
 
     fn size_hint(&self) -> SizeHint {
