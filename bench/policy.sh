@@ -105,6 +105,8 @@ run_wrk() { # $1: path → prints the wrk summary; sets $requests
   rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   p50=$(echo "$out" | awk '$1=="50%" {print $2}')
   p99=$(echo "$out" | awk '$1=="99%" {print $2}')
+  non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
+  non2xx=${non2xx:-0}
 }
 
 passthrough='policies:
@@ -123,13 +125,24 @@ budget_only='policies:
 echo "# outrider policy stack bench ($(date -u +%FT%TZ)); wrk -t1 -c$conns -d$duration; servers on core 0, wrk on core 1"
 echo
 echo "## 1. Overhead on 200s (GET /)"
-printf '%-34s %12s %10s %10s\n' "stack" "req/s" "p50" "p99"
-for variant in passthrough full_defaults; do
-  start_caller "$variant" "${!variant}"
-  run_wrk / >/dev/null # warm-up: connections, EWMA
-  run_wrk /
-  printf '%-34s %12s %10s %10s\n' "$variant" "$rps" "$p50" "$p99"
+# Alternating rounds (A B A B ...) so drifting background load hits both stacks alike.
+rounds=${ROUNDS:-3}
+printf '%-34s %12s %10s %10s %8s\n' "stack (round)" "req/s" "p50" "p99" "non-2xx"
+declare -A total
+for round in $(seq "$rounds"); do
+  for variant in passthrough full_defaults; do
+    start_caller "$variant-$round" "${!variant}"
+    saved=$duration; duration=2s; run_wrk / >/dev/null; duration=$saved # warm-up
+    run_wrk /
+    total[$variant]=$(awk -v a="${total[$variant]:-0}" -v b="$rps" 'BEGIN { print a + b }')
+    printf '%-34s %12s %10s %10s %8s\n' "$variant ($round)" "$rps" "$p50" "$p99" "$non2xx"
+  done
 done
+for variant in passthrough full_defaults; do
+  printf '%-34s %12.0f\n' "$variant (mean)" "$(awk -v t="${total[$variant]}" -v n="$rounds" 'BEGIN { print t / n }')"
+done
+awk -v a="${total[passthrough]}" -v b="${total[full_defaults]}" \
+  'BEGIN { printf "full stack throughput vs pass-through: %+.1f%%\n", (b - a) / a * 100 }'
 
 echo
 echo "## 2. Amplification while every answer is 503 (GET /fail)"
