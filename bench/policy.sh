@@ -127,22 +127,34 @@ echo
 echo "## 1. Overhead on 200s (GET /)"
 # Alternating rounds (A B A B ...) so drifting background load hits both stacks alike.
 rounds=${ROUNDS:-3}
-printf '%-34s %12s %10s %10s %8s\n' "stack (round)" "req/s" "p50" "p99" "non-2xx"
-declare -A total
+# CPU time the caller sidecar spends per request (user+sys from /proc, in µs) is the steadier
+# figure on a shared machine: throughput moves with whatever else runs on core 0.
+hz=$(getconf CLK_TCK)
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$caller_pid/stat"; }
+printf '%-34s %12s %10s %10s %8s %12s\n' "stack (round)" "req/s" "p50" "p99" "non-2xx" "caller µs/req"
+declare -A total cpu
 for round in $(seq "$rounds"); do
   for variant in passthrough full_defaults; do
     start_caller "$variant-$round" "${!variant}"
     saved=$duration; duration=2s; run_wrk / >/dev/null; duration=$saved # warm-up
+    before=$(cpu_ticks)
     run_wrk /
+    after=$(cpu_ticks)
+    us=$(awk -v t=$((after - before)) -v hz="$hz" -v r="$requests" 'BEGIN { printf "%.1f", t / hz * 1e6 / r }')
     total[$variant]=$(awk -v a="${total[$variant]:-0}" -v b="$rps" 'BEGIN { print a + b }')
-    printf '%-34s %12s %10s %10s %8s\n' "$variant ($round)" "$rps" "$p50" "$p99" "$non2xx"
+    cpu[$variant]=$(awk -v a="${cpu[$variant]:-0}" -v b="$us" 'BEGIN { print a + b }')
+    printf '%-34s %12s %10s %10s %8s %12s\n' "$variant ($round)" "$rps" "$p50" "$p99" "$non2xx" "$us"
   done
 done
 for variant in passthrough full_defaults; do
-  printf '%-34s %12.0f\n' "$variant (mean)" "$(awk -v t="${total[$variant]}" -v n="$rounds" 'BEGIN { print t / n }')"
+  printf '%-34s %12.0f %41.1f\n' "$variant (mean)" \
+    "$(awk -v t="${total[$variant]}" -v n="$rounds" 'BEGIN { print t / n }')" \
+    "$(awk -v t="${cpu[$variant]}" -v n="$rounds" 'BEGIN { print t / n }')"
 done
 awk -v a="${total[passthrough]}" -v b="${total[full_defaults]}" \
   'BEGIN { printf "full stack throughput vs pass-through: %+.1f%%\n", (b - a) / a * 100 }'
+awk -v a="${cpu[passthrough]}" -v b="${cpu[full_defaults]}" -v n="$rounds" \
+  'BEGIN { printf "full stack caller CPU per request vs pass-through: %+.1f µs (%+.1f%%)\n", (b - a) / n, (b - a) / a * 100 }'
 
 echo
 echo "## 2. Amplification while every answer is 503 (GET /fail)"
