@@ -66,10 +66,10 @@ pub async fn handle(
     if let Some(too_big) = head_too_large(&req, config.limits.max_header_bytes) {
         return finish(&shared, &peer, started, too_big.into_response(grpc));
     }
-    let limits = shared.inbound_limits.load_full();
-    if limits.is_unlimited() {
+    if shared.inbound_limits.load().is_unlimited() {
         return serve(shared, peer, started, grpc, config, req).await;
     }
+    let limits = shared.inbound_limits.load_full();
     let limited = limited(
         limits,
         shared.clone(),

@@ -137,6 +137,7 @@ pub async fn handle(
         upstream: upstream.clone(),
         policy: policy.clone(),
         budget: config.policies.for_service(&service).retry.budget,
+        access_log: config.access_log,
         deadline,
         timeout,
         grpc,
@@ -172,6 +173,9 @@ struct Target {
     policy: Arc<Policy>,
     /// The service's retry budget settings (one budget per service).
     budget: RetryBudget,
+    /// Note the answering endpoint in the response (an extension: an allocation, so only when
+    /// the access log wants it).
+    access_log: bool,
     deadline: tokio::time::Instant,
     timeout: Duration,
     grpc: bool,
@@ -201,6 +205,7 @@ fn call_stack(
             policy: t.policy,
             deadline: t.deadline,
             grpc: t.grpc,
+            access_log: t.access_log,
         })
         .oneshot(req)
 }
@@ -286,6 +291,7 @@ pub struct Attempt {
     policy: Arc<Policy>,
     deadline: tokio::time::Instant,
     grpc: bool,
+    access_log: bool,
 }
 
 impl Service<Request<Body>> for Attempt {
@@ -354,7 +360,9 @@ impl Attempt {
                 }
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers, false);
-                parts.extensions.insert(UpstreamAddr(endpoint.addr));
+                if self.access_log {
+                    parts.extensions.insert(UpstreamAddr(endpoint.addr));
+                }
                 Ok(Response::from_parts(parts, boxed(body)))
             }
             Ok(Err(error)) => {
