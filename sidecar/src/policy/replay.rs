@@ -3,14 +3,16 @@
 //! is kept, up to `max_body`; past that the copy is dropped and the request is no longer
 //! retryable. A retry replays the kept chunks, then continues with the rest of the original body
 //! if the earlier attempt had not read it all (the original goes back to the shared state when
-//! the attempt's body is dropped, e.g. after a connect error).
+//! the attempt's body is dropped, e.g. after a connect error). While an earlier attempt's body
+//! still holds the original (its connection has not let go of it yet), the retry's body waits
+//! for it to be handed back.
 //!
 //! Empty bodies (most GETs) need none of this: [`Replay::Empty`] makes a fresh empty body per
 //! attempt without allocating.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -33,6 +35,16 @@ pub struct State {
     overflow: bool,
     complete: bool,
     trailers: Option<HeaderMap>,
+    /// Bodies waiting for an earlier attempt to hand back the original.
+    waiting: Vec<Waker>,
+}
+
+impl State {
+    fn wake_waiting(&mut self) {
+        for waker in self.waiting.drain(..) {
+            waker.wake();
+        }
+    }
 }
 
 impl Replay {
@@ -54,6 +66,7 @@ impl Replay {
                 overflow: false,
                 complete: false,
                 trailers: None,
+                waiting: Vec::new(),
             })),
             hint,
         ))
@@ -73,14 +86,14 @@ impl Replay {
         }
     }
 
-    /// True when another attempt can send the whole body again: it did not outgrow `max_body`,
-    /// and the rest of the original is not still held by an earlier attempt.
+    /// True when another attempt can send the whole body again: it did not outgrow `max_body`
+    /// and did not fail.
     pub fn can_replay(&self) -> bool {
         match self {
             Replay::Empty => true,
             Replay::Shared(state, _) => {
                 let s = state.lock().unwrap_or_else(|p| p.into_inner());
-                !s.overflow && (s.complete || s.rest.is_some())
+                !s.overflow
             }
         }
     }
@@ -120,7 +133,7 @@ impl HttpBody for ReplayBody {
                     _ => None,
                 });
             }
-            if s.overflow && this.pos > 0 {
+            if s.overflow {
                 return Poll::Ready(Some(Err(
                     "the request body outgrew the replay buffer".into()
                 )));
@@ -128,9 +141,9 @@ impl HttpBody for ReplayBody {
             match s.rest.take() {
                 Some(rest) => this.rest = Some(rest),
                 None => {
-                    return Poll::Ready(Some(Err(
-                        "the request body is still held by an earlier attempt".into(),
-                    )));
+                    // An earlier attempt still holds it: wait until it is handed back.
+                    s.waiting.push(cx.waker().clone());
+                    return Poll::Pending;
                 }
             }
         }
@@ -146,6 +159,7 @@ impl HttpBody for ReplayBody {
                     // The original is used up: later attempts replay without waiting for it.
                     s.complete = true;
                     this.rest = None;
+                    s.wake_waiting();
                 }
                 if let Some(data) = frame.data_ref() {
                     s.len += data.len() as u64;
@@ -153,6 +167,7 @@ impl HttpBody for ReplayBody {
                         if !s.overflow {
                             s.overflow = true;
                             s.chunks = Vec::new();
+                            s.wake_waiting();
                         }
                     } else {
                         s.chunks.push(data.clone());
@@ -165,18 +180,16 @@ impl HttpBody for ReplayBody {
             }
             Poll::Ready(None) => {
                 this.rest = None;
-                this.state
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .complete = true;
+                let mut s = this.state.lock().unwrap_or_else(|p| p.into_inner());
+                s.complete = true;
+                s.wake_waiting();
             }
             Poll::Ready(Some(Err(_))) => {
                 // A broken client body cannot be replayed.
                 this.rest = None;
-                this.state
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .overflow = true;
+                let mut s = this.state.lock().unwrap_or_else(|p| p.into_inner());
+                s.overflow = true;
+                s.wake_waiting();
             }
             Poll::Pending => {}
         }
@@ -202,6 +215,7 @@ impl Drop for ReplayBody {
             let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
             // Chunks this attempt read are kept; the next reader continues after them.
             s.rest = Some(rest);
+            s.wake_waiting();
         }
     }
 }
@@ -237,6 +251,33 @@ mod tests {
         drop(replay.body()); // e.g. a connect error: never polled
         assert!(replay.can_replay());
         assert_eq!(read(replay.body()).await.expect("retry"), "hello");
+    }
+
+    #[tokio::test]
+    async fn a_retry_waits_for_the_earlier_attempt_to_hand_the_body_back() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        let replay = replayable(http_body_util::StreamBody::new(stream).boxed_unsync());
+        let mut first = replay.body();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"ab"))))
+            .await
+            .expect("send");
+        let frame = first.frame().await.expect("frame").expect("data");
+        assert_eq!(frame.into_data().ok().as_deref(), Some(&b"ab"[..]));
+        // The first attempt still holds the rest; the retry replays "ab", then waits.
+        assert!(replay.can_replay());
+        let second = tokio::spawn(read(replay.body()));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!second.is_finished());
+        drop(first);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"cd"))))
+            .await
+            .expect("send");
+        drop(tx);
+        let body = second.await.expect("join").expect("body");
+        assert_eq!(body, "abcd");
     }
 
     #[tokio::test]
