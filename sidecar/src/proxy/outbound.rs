@@ -204,6 +204,7 @@ fn call_stack(
             upstream: t.upstream,
             policy: t.policy,
             deadline: t.deadline,
+            timeout: t.timeout,
             grpc: t.grpc,
             access_log: t.access_log,
         })
@@ -290,6 +291,8 @@ pub struct Attempt {
     upstream: Arc<Upstream>,
     policy: Arc<Policy>,
     deadline: tokio::time::Instant,
+    /// The request's time budget (for the error message).
+    timeout: Duration,
     grpc: bool,
     access_log: bool,
 }
@@ -375,7 +378,7 @@ impl Attempt {
                 if in_flight.finish(false, outlier) {
                     state.ejections.inc();
                 }
-                Err(PolicyError::Timeout(self.policy.timeout))
+                Err(PolicyError::Timeout(self.timeout))
             }
         }
     }
