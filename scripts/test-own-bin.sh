@@ -21,7 +21,8 @@ done
   if [ -x "$f" ] && grep -q "$root" "$f" && grep -q 'log-format' "$f"; then own="$f"; break; fi
 done
 [ -n "$own" ] || { echo "no outrider binary of $root found in $target" >&2; exit 1; }
-private=$(mktemp -d)/outrider
-cp "$own" "$private"
-echo "using $own (copied to $private)" >&2
-OUTRIDER_BIN="$private" cargo nextest run -p outrider "$@"
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+cp "$own" "$dir/outrider"
+echo "using $own (copied to $dir/outrider)" >&2
+OUTRIDER_BIN="$dir/outrider" cargo nextest run -p outrider "$@"
