@@ -95,18 +95,31 @@ def summarise(doc):
                 for i in range(len(curves[0]))
             ]
         out[v] = s
-    # Ratios: throughput vs direct, and Outrider vs the best peer pair.
+    # Throughput ratios, paired by round (each path against the run next to it in time): vs
+    # direct, and vs the best peer pair (the peer with the highest median throughput).
     for v, s in out.items():
         base = "grpc-direct" if v.startswith("grpc-") else "direct"
-        if base in out and s["rps_small"] and out[base]["rps_small"] and v != base:
-            s["ratio_vs_direct"] = s["rps_small"]["median"] / out[base]["rps_small"]["median"]
+        if base in out and v != base:
+            s["ratio_vs_direct"] = paired_ratio(doc, v, base)
     peers = [p for p in HTTP_PEERS if p in out and out[p]["rps_small"]]
     if peers and "outrider" in out and out["outrider"]["rps_small"]:
         best = max(peers, key=lambda p: out[p]["rps_small"]["median"])
         for v in ["outrider"] + peers:
-            out[v]["ratio_vs_best_peer"] = out[v]["rps_small"]["median"] / out[best]["rps_small"]["median"]
+            out[v]["ratio_vs_best_peer"] = paired_ratio(doc, v, best)
         out["outrider"]["best_peer"] = best
     return out
+
+
+def throughput_by_round(doc, variant):
+    if variant.startswith("grpc-"):
+        return {r["round"]: r["loadgen"]["achieved_rps"] for r in runs(doc, variant, "grpc-max")}
+    return {r["round"]: r["rps"] for r in runs(doc, variant, "small")}
+
+
+def paired_ratio(doc, variant, base):
+    """Median over rounds of variant/base throughput within the same round."""
+    a, b = throughput_by_round(doc, variant), throughput_by_round(doc, base)
+    return stat(a[k] / b[k] for k in a if b.get(k))
 
 
 def fmt(st, digits=0, unit=""):
@@ -134,7 +147,10 @@ def markdown(doc, summary):
         f"{doc['versions']['nginx']}, HAProxy {doc['versions']['haproxy']}, wrk {doc['versions']['wrk']}."
     )
     lines.append("")
-    lines.append("Median over rounds (min–max in brackets).")
+    lines.append(
+        "Median over rounds (min–max in brackets). Ratios and added latency are paired: each "
+        "round's figure against the other path's figure from the same round."
+    )
     lines.append("")
     http = [v for v in doc["variants"] if not v.startswith("grpc-")]
     grpc = [v for v in doc["variants"] if v.startswith("grpc-")]
@@ -161,8 +177,8 @@ def markdown(doc, summary):
             if s["rss_pair_mib"]
             else "–"
         )
-        ratio = f"{s['ratio_vs_direct']:.2f}" if s.get("ratio_vs_direct") else "–"
-        best = f"{s['ratio_vs_best_peer']:.2f}" if s.get("ratio_vs_best_peer") else "–"
+        ratio = fmt(s.get("ratio_vs_direct"), 2)
+        best = fmt(s.get("ratio_vs_best_peer"), 2)
         lines.append(
             f"| {LABELS.get(v, v)} | {fmt(s['rps_small'])} | {ratio} | {best} | {fmt(s['rps_16k'])} | "
             f"{fmt_ms(s['p50'])} | {fmt_ms(s['p99'])} | {fmt_ms(s['p99_9'])} | {added} | {cpu} | {rss} | "
@@ -189,7 +205,7 @@ def markdown(doc, summary):
                 else "–"
             )
             rss = f"{s['rss_pair_mib']:.1f}" if s["rss_pair_mib"] else "–"
-            ratio = f"{s['ratio_vs_direct']:.2f}" if s.get("ratio_vs_direct") else "–"
+            ratio = fmt(s.get("ratio_vs_direct"), 2)
             lines.append(
                 f"| {LABELS.get(v, v)} | {fmt(s['rps_small'])} | {ratio} | {fmt_ms(s['p50'])} | "
                 f"{fmt_ms(s['p99'])} | {fmt_ms(s['p99_9'])} | {added} | {cpu} | {rss} | "
@@ -199,9 +215,9 @@ def markdown(doc, summary):
     if o and o.get("ratio_vs_direct"):
         lines.append("")
         lines.append(
-            f"Throughput ratio Outrider pair / direct: **{o['ratio_vs_direct']:.2f}**"
+            f"Throughput ratio Outrider pair / direct: **{fmt(o['ratio_vs_direct'], 2)}**"
             + (
-                f"; Outrider pair / best peer ({LABELS[o['best_peer']]}): **{o['ratio_vs_best_peer']:.2f}**"
+                f"; Outrider pair / best peer ({LABELS[o['best_peer']]}): **{fmt(o['ratio_vs_best_peer'], 2)}**"
                 if o.get("best_peer")
                 else ""
             )
