@@ -37,9 +37,13 @@ GRPC=0
 BUILD=1
 KEEP=0
 NICE=0
+SWEEP=0
+IDLE=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        --compare) COMPARE=1; GRPC=1 ;;
+        --compare) COMPARE=1; GRPC=1; SWEEP=1; IDLE=1 ;;
+        --sweep) SWEEP=1 ;;
+        --idle) IDLE=1 ;;
         --grpc) GRPC=1 ;;
         --quick) ROUNDS=2; SECONDS_EACH=2 ;;
         --rounds) ROUNDS="$2"; shift ;;
@@ -439,11 +443,11 @@ RAW="$WORK/raw.jsonl"
 : >"$RAW"
 emit() { echo "$1" >>"$RAW"; }
 
-run_wrk() { # round variant test path
-    local round="$1" v="$2" test="$3" path="$4" out before after reqs rps errs
+run_wrk() { # round variant test path [connections]
+    local round="$1" v="$2" test="$3" path="$4" conns="${5:-64}" out before after reqs rps errs
     out="$WORK/wrk-$v-$test-$round.txt"
     before="$(cpu_ticks "$v")"
-    on_load wrk -t1 -c64 -d"${SECONDS_EACH}s" --timeout 5s \
+    on_load wrk -t1 -c"$conns" -d"${SECONDS_EACH}s" --timeout 5s \
         ${HOSTHDR[$v]:+-H "Host: ${HOSTHDR[$v]}"} "${URL[$v]}$path" >"$out" 2>&1 || true
     after="$(cpu_ticks "$v")"
     reqs="$(awk '/requests in/ {print $1}' "$out")"
@@ -454,7 +458,7 @@ run_wrk() { # round variant test path
         rps=0 reqs=0
     fi
     log "round $round $v $test: $rps req/s, $errs errors"
-    emit "{\"round\":$round,\"variant\":\"$v\",\"test\":\"$test\",\"rps\":$rps,\"requests\":$reqs,\"errors\":$errs,\"cpu_ticks\":$((after - before)),\"clk_tck\":$CLK_TCK}"
+    emit "{\"round\":$round,\"variant\":\"$v\",\"test\":\"$test\",\"connections\":$conns,\"rps\":$rps,\"requests\":$reqs,\"errors\":$errs,\"cpu_ticks\":$((after - before)),\"clk_tck\":$CLK_TCK}"
 }
 
 run_loadgen() { # round variant test [extra args]
@@ -485,18 +489,76 @@ for round in $(seq 1 "$ROUNDS"); do
     done
 done
 
-# Peak RSS of every process started.
-{
+# Peak RSS (VmHWM) and current RSS of every process started.
+memory_json() {
+    local name hwm rss sep=""
     printf '{'
-    sep=""
     for name in "${!PID[@]}"; do
-        hwm="$(awk '/VmHWM/ {print $2}' "/proc/${PID[$name]}/status" 2>/dev/null || echo 0)"
-        rss="$(awk '/VmRSS/ {print $2}' "/proc/${PID[$name]}/status" 2>/dev/null || echo 0)"
+        hwm="$(awk '/VmHWM/ {print $2}' "/proc/${PID[$name]}/status" 2>/dev/null || true)"
+        rss="$(awk '/VmRSS/ {print $2}' "/proc/${PID[$name]}/status" 2>/dev/null || true)"
         printf '%s"%s":{"hwm_kib":%s,"rss_kib":%s}' "$sep" "$name" "${hwm:-0}" "${rss:-0}"
         sep=","
     done
     printf '}\n'
-} >"$WORK/memory.json"
+}
+# Sampled before the idle and sweep tests, so the table's peaks are those of the rounds above.
+memory_json >"$WORK/memory.json"
+
+# RSS added by 1,000 idle keep-alive connections to each caller sidecar: `loadgen hold` opens
+# them one after the other, sends one request on each, and holds them while RSS is sampled.
+# (After the peak-RSS sample above, so the idle test does not set the peaks.)
+rss_of() { # variant -> {"proc": VmRSS KiB, ...}
+    local name names sep="" out="{"
+    read -ra names <<<"${PROCS[$1]}"
+    for name in "${names[@]}"; do
+        out+="$sep\"$name\":$(awk '/VmRSS/ {print $2}' "/proc/${PID[$name]}/status")"
+        sep=","
+    done
+    echo "$out}"
+}
+if [[ $IDLE == 1 ]]; then
+    for v in "${VARIANTS[@]}"; do
+        [[ -n "${PROCS[$v]}" ]] || continue
+        before="$(rss_of "$v")"
+        : >"$WORK/hold-$v.out"
+        on_load "$LOADGEN" hold --url "${URL[$v]}/" ${HOSTHDR[$v]:+--host "${HOSTHDR[$v]}"} \
+            -c 1000 --seconds 2 >"$WORK/hold-$v.out" 2>"$WORK/hold-$v.err" &
+        hold_pid=$!
+        during=""
+        for _ in $(seq 1 600); do
+            if grep -q '^ready' "$WORK/hold-$v.out"; then
+                sleep 0.5
+                during="$(rss_of "$v")"
+                break
+            fi
+            kill -0 "$hold_pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        wait "$hold_pid" || true
+        report="$(tail -n1 "$WORK/hold-$v.out")"
+        if [[ -z "$during" || "$report" != "{"* ]]; then
+            log "idle test of $v failed: $(cat "$WORK/hold-$v.err")"
+            continue
+        fi
+        log "idle $v: RSS $before -> $during with 1000 idle connections"
+        emit "{\"round\":0,\"variant\":\"$v\",\"test\":\"idle\",\"rss_before_kib\":$before,\"rss_during_kib\":$during,\"hold\":$report}"
+    done
+fi
+
+# Throughput by connection count, 16 to 1,024 (direct and Outrider, interleaved). Last,
+# because 1,024 connections raise every proxy's memory high-water mark.
+if [[ $SWEEP == 1 ]]; then
+    for round in $(seq 1 "$ROUNDS"); do
+        for c in 16 64 256 1024; do
+            for v in direct outrider; do
+                run_wrk "$round" "$v" "sweep-$c" / "$c"
+            done
+        done
+    done
+    memory_json >"$WORK/memory-sweep.json"
+else
+    echo '{}' >"$WORK/memory-sweep.json"
+fi
 
 # ---------------------------------------------------------------- report
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
@@ -512,13 +574,14 @@ jq -n --arg started "$STARTED" --arg host "$(hostname)" --arg cpu "$MODEL" --arg
     --arg haproxy "$(if [[ $COMPARE == 1 ]]; then "$HAPROXY" -v | awk 'NR == 1 {print $3}'; else echo -; fi)" \
     --arg wrk "$(wrk -v 2>&1 | awk 'NR == 1 {print $2}')" \
     --argjson procs "$procs_json" --argjson memory "$(cat "$WORK/memory.json")" \
+    --argjson memory_sweep "$(cat "$WORK/memory-sweep.json")" \
     --arg variants "${VARIANTS[*]} ${GRPC_VARIANTS[*]}" \
     '{started: $started, host: $host, cpu: $cpu, ncpu: $ncpu, server_cpus: $server_cpus,
       load_cpus: $load_cpus, nice: $nice, loadavg_before: $loadavg_before, loadavg_after: $loadavg_after,
       rounds: $rounds, seconds: $seconds, rate: $rate, outrider_commit: $outrider,
       versions: {nginx: $nginx, haproxy: $haproxy, wrk: $wrk},
       variants: ($variants | split(" ") | map(select(. != ""))), processes: $procs,
-      memory: $memory, runs: [inputs]}' "$RAW" >"$OUT.json"
+      memory: $memory, memory_after_sweep: $memory_sweep, runs: [inputs]}' "$RAW" >"$OUT.json"
 python3 "$ROOT/bench/report.py" "$OUT.json" --markdown "$OUT.md" --plot "$OUT.png"
 ln -sf "$(basename "$OUT.json")" "$RESULTS/latest.json"
 ln -sf "$(basename "$OUT.md")" "$RESULTS/latest.md"

@@ -107,6 +107,27 @@ def summarise(doc):
         for v in ["outrider"] + peers:
             out[v]["ratio_vs_best_peer"] = paired_ratio(doc, v, best)
         out["outrider"]["best_peer"] = best
+    sweep = {}
+    for r in doc["runs"]:
+        if r["test"].startswith("sweep-"):
+            sweep.setdefault(r["variant"], {}).setdefault(r["connections"], []).append(r["rps"])
+    if sweep:
+        out["_sweep"] = {v: {c: stat(x) for c, x in per.items()} for v, per in sweep.items()}
+    idle = {}
+    for r in doc["runs"]:
+        if r["test"] == "idle":
+            procs = doc["processes"][r["variant"]]
+            delta = [(r["rss_during_kib"][p] - r["rss_before_kib"][p]) / 1024 for p in procs]
+            idle[r["variant"]] = {
+                "caller_mib": delta[0],
+                "callee_mib": sum(delta[1:]),
+                "before_mib": sum(r["rss_before_kib"].values()) / 1024,
+                "during_mib": sum(r["rss_during_kib"].values()) / 1024,
+                "still_open": r["hold"]["still_open"],
+                "errors": r["hold"]["errors"],
+            }
+    if idle:
+        out["_idle"] = idle
     return out
 
 
@@ -211,6 +232,44 @@ def markdown(doc, summary):
                 f"{fmt_ms(s['p99'])} | {fmt_ms(s['p99_9'])} | {added} | {cpu} | {rss} | "
                 f"{s['errors'] + s['lat_errors']} |"
             )
+    sweep = summary.get("_sweep")
+    if sweep:
+        conns = sorted({c for per in sweep.values() for c in per})
+        lines.append("")
+        lines.append(
+            "| throughput by connection count (wrk, 2 B) | "
+            + " | ".join(f"{c} conns" for c in conns)
+            + " | spread (max/min − 1) |"
+        )
+        lines.append("|---|" + "---|" * (len(conns) + 1))
+        for v, per in sweep.items():
+            medians = [per[c]["median"] for c in conns if per.get(c)]
+            spread = f"{max(medians) / min(medians) - 1:.0%}" if medians and min(medians) > 0 else "–"
+            lines.append(
+                f"| {LABELS.get(v, v)} | " + " | ".join(fmt(per.get(c)) for c in conns) + f" | {spread} |"
+            )
+        after = doc.get("memory_after_sweep") or {}
+        procs = doc["processes"].get("outrider", [])
+        if after and procs:
+            lines.append("")
+            lines.append(
+                "Outrider peak RSS after the sweep (1,024 connections): "
+                + " + ".join(f"{after.get(p, {}).get('hwm_kib', 0) / 1024:.1f}" for p in procs)
+                + " MiB."
+            )
+    idle = summary.get("_idle")
+    if idle:
+        lines.append("")
+        lines.append(
+            "| 1,000 idle keep-alive connections to the caller (one request each) | "
+            "RSS added, caller MiB | RSS added, callee MiB | pair RSS before → during, MiB |"
+        )
+        lines.append("|---|---|---|---|")
+        for v, d in idle.items():
+            lines.append(
+                f"| {LABELS.get(v, v)} | {d['caller_mib']:+.1f} | {d['callee_mib']:+.1f} | "
+                f"{d['before_mib']:.1f} → {d['during_mib']:.1f} |"
+            )
     o = summary.get("outrider")
     if o and o.get("ratio_vs_direct"):
         lines.append("")
@@ -298,7 +357,10 @@ def main():
     if a.markdown:
         with open(a.markdown, "w") as f:
             f.write(md)
-    doc["summary"] = {v: {k: x for k, x in s.items() if k != "curve"} for v, s in summary.items()}
+    doc["summary"] = {
+        v: ({k: x for k, x in s.items() if k != "curve"} if not v.startswith("_") else s)
+        for v, s in summary.items()
+    }
     with open(a.results, "w") as f:
         json.dump(doc, f, indent=1)
     if a.plot and plot(doc, summary, a.plot):

@@ -23,6 +23,8 @@ struct Cli {
 enum Cmd {
     /// Send load; print a JSON report on stdout and a one-line summary on stderr
     Run(run::RunArgs),
+    /// Open many keep-alive connections, one request each, then hold them idle (memory tests)
+    Hold(run::HoldArgs),
     /// Serve HTTP/1.1 and h2c: gRPC /echo.v1.Echo/Unary echoes, anything else answers 200 "ok"
     Serve {
         #[arg(long)]
@@ -39,6 +41,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Run(args) => {
             let report = rt.block_on(run::run(args))?;
             println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Cmd::Hold(args) => {
+            let report = rt.block_on(run::hold(args))?;
+            println!("{}", serde_json::to_string(&report)?);
         }
         Cmd::Serve { listen } => rt.block_on(echo::serve(listen))?,
     }

@@ -328,10 +328,8 @@ fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
 }
 
-pub async fn run(args: RunArgs) -> Result<Value> {
-    if args.connections == 0 || args.duration <= 0.0 || args.warmup < 0.0 || args.rate < 0.0 {
-        bail!("--connections, --duration must be positive, --rate and --warmup not negative");
-    }
+/// Resolves the URL and builds the request template.
+async fn prepare(args: &RunArgs) -> Result<Arc<Target>> {
     let url: Uri = args.url.parse().context("--url")?;
     if url.scheme_str() != Some("http") {
         bail!("--url must be http:// (h2c is plain text; use --proto h2)");
@@ -367,6 +365,15 @@ pub async fn run(args: RunArgs) -> Result<Value> {
         grpc_body: args.grpc.then(|| grpc::echo_request(&grpc_message)),
         grpc_message,
     });
+    Ok(target)
+}
+
+pub async fn run(args: RunArgs) -> Result<Value> {
+    if args.connections == 0 || args.duration <= 0.0 || args.warmup < 0.0 || args.rate < 0.0 {
+        bail!("--connections, --duration must be positive, --rate and --warmup not negative");
+    }
+    let target = prepare(&args).await?;
+    let h2 = target.h2;
 
     // Every connection is open before the clock starts.
     let mut senders = Vec::with_capacity(args.connections);
@@ -421,7 +428,7 @@ pub async fn run(args: RunArgs) -> Result<Value> {
     let report = json!({
         "label": args.label,
         "url": args.url,
-        "host": host,
+        "host": target.host.to_str().unwrap_or_default(),
         "protocol": if args.grpc { "grpc" } else if h2 { "h2c" } else { "http/1.1" },
         "mode": if plan.rate.is_some() { "fixed-rate" } else { "closed-loop" },
         "target_rps": args.rate,
@@ -468,4 +475,68 @@ pub async fn run(args: RunArgs) -> Result<Value> {
         eprintln!("loadgen: first error: {e}");
     }
     Ok(report)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct HoldArgs {
+    /// Target, e.g. http://127.0.0.1:8080/
+    #[arg(long)]
+    pub url: String,
+    /// Host header (HTTP/1.1) or :authority (h2c)
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Protocol
+    #[arg(long, value_enum, default_value_t = Proto::H1)]
+    pub proto: Proto,
+    /// Connections to open, each sending one request and then staying idle
+    #[arg(long, short = 'c', default_value_t = 1000)]
+    pub connections: usize,
+    /// Seconds to hold them idle after the last answer
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+}
+
+/// Opens `connections` keep-alive connections one after the other, sends one request on each
+/// (so the proxy has seen traffic on every one), prints `ready` on stdout once every answer
+/// is in, holds them all idle for `seconds`, then prints a JSON report.
+pub async fn hold(args: HoldArgs) -> Result<Value> {
+    let run = RunArgs {
+        url: args.url.clone(),
+        host: args.host.clone(),
+        proto: args.proto,
+        grpc: false,
+        message_bytes: 0,
+        rate: 0.0,
+        connections: 1,
+        max_inflight: 1,
+        duration: 1.0,
+        warmup: 0.0,
+        label: String::new(),
+    };
+    let target = prepare(&run).await?;
+    let mut senders = Vec::with_capacity(args.connections);
+    let mut errors = 0u64;
+    let mut first_error = None;
+    for _ in 0..args.connections {
+        let mut sender = Sender::connect(&target).await?;
+        let outcome = match sender.ready().await {
+            Ok(()) => exchange(sender.send(target.request()), None).await,
+            Err(e) => Err(format!("connection: {e}")),
+        };
+        if let Err(e) = outcome {
+            errors += 1;
+            first_error.get_or_insert(e);
+        }
+        senders.push(sender);
+    }
+    println!("ready");
+    tokio::time::sleep(Duration::from_secs_f64(args.seconds)).await;
+    let open = senders.iter().filter(|s| !s.is_closed()).count();
+    Ok(json!({
+        "url": args.url,
+        "connections": args.connections,
+        "still_open": open,
+        "errors": errors,
+        "first_error": first_error,
+    }))
 }
