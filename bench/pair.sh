@@ -560,6 +560,28 @@ else
     echo '{}' >"$WORK/memory-sweep.json"
 fi
 
+# Outrider's own view: its request counters by status code (and any error metrics), kept in
+# the results so that errors seen by the load generators can be traced to a cause.
+metrics_json() {
+    local name port sep=""
+    printf '{'
+    for name in outrider-web outrider-backend outrider-echo; do
+        [[ -n "${PID[$name]:-}" ]] || continue
+        case "$name" in
+            outrider-web) port=$P_WEB_ADMIN ;;
+            outrider-backend) port=$P_BE_ADMIN ;;
+            *) port=$P_EC_ADMIN ;;
+        esac
+        curl -sf --max-time 2 "http://127.0.0.1:$port/metrics" >"$WORK/metrics-$name.txt" || true
+        printf '%s"%s":' "$sep" "$name"
+        grep -E '^outrider_[a-z_]*(total|errors)[a-z_]*\{' "$WORK/metrics-$name.txt" \
+            | grep -v '_bucket' | jq -Rn '[inputs | capture("^(?<series>[^ ]+) (?<value>[0-9.e+]+)$") | {(.series): (.value | tonumber)}] | add // {}'
+        sep=","
+    done
+    printf '}\n'
+}
+metrics_json >"$WORK/metrics.json"
+
 # ---------------------------------------------------------------- report
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 OUT="$RESULTS/pair-$STAMP"
@@ -575,13 +597,15 @@ jq -n --arg started "$STARTED" --arg host "$(hostname)" --arg cpu "$MODEL" --arg
     --arg wrk "$(wrk -v 2>&1 | awk 'NR == 1 {print $2}')" \
     --argjson procs "$procs_json" --argjson memory "$(cat "$WORK/memory.json")" \
     --argjson memory_sweep "$(cat "$WORK/memory-sweep.json")" \
+    --argjson outrider_metrics "$(cat "$WORK/metrics.json")" \
     --arg variants "${VARIANTS[*]} ${GRPC_VARIANTS[*]}" \
     '{started: $started, host: $host, cpu: $cpu, ncpu: $ncpu, server_cpus: $server_cpus,
       load_cpus: $load_cpus, nice: $nice, loadavg_before: $loadavg_before, loadavg_after: $loadavg_after,
       rounds: $rounds, seconds: $seconds, rate: $rate, outrider_commit: $outrider,
       versions: {nginx: $nginx, haproxy: $haproxy, wrk: $wrk},
       variants: ($variants | split(" ") | map(select(. != ""))), processes: $procs,
-      memory: $memory, memory_after_sweep: $memory_sweep, runs: [inputs]}' "$RAW" >"$OUT.json"
+      memory: $memory, memory_after_sweep: $memory_sweep, outrider_metrics: $outrider_metrics,
+      runs: [inputs]}' "$RAW" >"$OUT.json"
 python3 "$ROOT/bench/report.py" "$OUT.json" --markdown "$OUT.md" --plot "$OUT.png"
 ln -sf "$(basename "$OUT.json")" "$RESULTS/latest.json"
 ln -sf "$(basename "$OUT.md")" "$RESULTS/latest.md"

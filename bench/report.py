@@ -270,6 +270,15 @@ def markdown(doc, summary):
                 f"| {LABELS.get(v, v)} | {d['caller_mib']:+.1f} | {d['callee_mib']:+.1f} | "
                 f"{d['before_mib']:.1f} → {d['during_mib']:.1f} |"
             )
+    odd = [
+        f"{name} {series} = {value:g}"
+        for name, series_map in (doc.get("outrider_metrics") or {}).items()
+        for series, value in series_map.items()
+        if value and 'code="2' not in series
+    ]
+    if odd:
+        lines.append("")
+        lines.append("Outrider's own counters, other than 2xx (whole run): " + "; ".join(odd) + ".")
     o = summary.get("outrider")
     if o and o.get("ratio_vs_direct"):
         lines.append("")
