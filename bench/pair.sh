@@ -9,14 +9,18 @@
 #   - max throughput: wrk, 64 connections, 2-byte and 16 KiB bodies
 #   - latency: bench/loadgen at a fixed 2,000 req/s over 16 connections, open loop, measured
 #     from the intended send time (coordinated omission corrected)
-#   - per proxy: CPU seconds per 10,000 requests (utime+stime around the 2-byte wrk run) and
-#     peak RSS (VmHWM)
-# then prints a table (median, min-max, ratios) and writes JSON under bench/results/.
+#   - per proxy: CPU seconds per 10,000 requests (utime+stime around the 2-byte wrk run and
+#     around the fixed-rate run) and peak RSS (VmHWM)
+# then prints a table (median, min-max, ratios paired by round), writes JSON under
+# bench/results/ and, when gnuplot is installed, a PNG latency-percentile plot.
 #
 #   bench/pair.sh                 direct vs Outrider pair (HTTP/1.1)
-#   bench/pair.sh --compare       + nginx and HAProxy mTLS sidecar pairs, gRPC, PNG plot
+#   bench/pair.sh --compare       + nginx and HAProxy mTLS sidecar pairs (= --grpc --sweep --idle)
 #   bench/pair.sh --quick         2 rounds of 2 s (for development)
-#   options: --rounds N  --seconds S  --rate R  --grpc  --no-build  --keep
+#   options: --rounds N  --seconds S  --rate R  --no-build  --keep (keep configs and logs)
+#            --grpc     gRPC unary through an Outrider pair vs direct (loadgen serve backend)
+#            --sweep    wrk throughput at 16, 64, 256, 1,024 connections (direct, Outrider)
+#            --idle     RSS added by 1,000 idle keep-alive connections to each caller sidecar
 #            --nice N   run servers and load generators at this nice level (e.g. -10 on a
 #                       shared machine, so other jobs disturb the measurement less; needs root)
 #   env: CARGO_TARGET_DIR, BENCH_PORT_BASE (default 21100), BENCH_SERVER_CPUS / BENCH_LOAD_CPUS
@@ -52,7 +56,7 @@ while [[ $# -gt 0 ]]; do
         --no-build) BUILD=0 ;;
         --keep) KEEP=1 ;;
         --nice) NICE="$2"; shift ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
         *) echo "pair.sh: unknown option $1" >&2; exit 1 ;;
     esac
     shift
