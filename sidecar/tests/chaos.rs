@@ -68,9 +68,16 @@ async fn upstream_crash_loop_under_load() {
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
+    let cut = Arc::new(AtomicUsize::new(0));
     let mut workers = Vec::new();
     for _ in 0..8 {
-        let (stop, ok, failed, url) = (stop.clone(), ok.clone(), failed.clone(), url.clone());
+        let (stop, ok, failed, cut, url) = (
+            stop.clone(),
+            ok.clone(),
+            failed.clone(),
+            cut.clone(),
+            url.clone(),
+        );
         workers.push(tokio::spawn(async move {
             let c = client();
             let mut slowest = Duration::ZERO;
@@ -97,7 +104,14 @@ async fn upstream_crash_loop_under_load() {
                         }
                         failed.fetch_add(1, Ordering::Relaxed);
                     }
-                    Err(e) => panic!("the sidecar dropped a request: {e}"),
+                    // An upstream killed mid-response can only be passed on as a cut connection:
+                    // allowed while it is being killed, never once it stays up.
+                    Err(e) if MEASURING.load(Ordering::Relaxed) => {
+                        panic!("the sidecar dropped a request after recovery: {e}")
+                    }
+                    Err(_) => {
+                        cut.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
             slowest
@@ -129,6 +143,12 @@ async fn upstream_crash_loop_under_load() {
     let recovered_ok = ok.load(Ordering::Relaxed) - ok_before;
     let recovered_failed = failed.load(Ordering::Relaxed) - failed_before;
     assert!(failed_before > 0, "the crashes were felt");
+    let cut = cut.load(Ordering::Relaxed);
+    assert!(
+        cut * 100 <= failed_before + ok_before,
+        "{cut} connections cut of {} requests: more than the rare kill mid-response",
+        failed_before + ok_before
+    );
     assert!(recovered_ok > 0);
     assert_eq!(
         recovered_failed, 0,

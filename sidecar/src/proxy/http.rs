@@ -15,6 +15,9 @@ pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 pub const CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
 pub const OUTRIDER_ERROR: HeaderName = HeaderName::from_static("x-outrider-error");
 pub const OUTRIDER_PEER: HeaderName = HeaderName::from_static("x-outrider-peer");
+/// Set by the outbound sidecar when it carries an HTTP/1.x request over the HTTP/2 connection
+/// between sidecars; the inbound sidecar restores that version for the app.
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static("x-outrider-orig-proto");
 pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
@@ -302,6 +305,46 @@ pub fn parse_grpc_timeout(value: &HeaderValue) -> Option<Duration> {
 pub fn grpc_timeout_value(remaining: Duration) -> HeaderValue {
     let millis = remaining.as_millis().clamp(1, 99_999_999);
     HeaderValue::try_from(format!("{millis}m")).unwrap_or(HeaderValue::from_static("1m"))
+}
+
+/// Between sidecars every request rides HTTP/2 (one multiplexed connection per endpoint, no
+/// handshake per concurrent request); an HTTP/1.x request is marked with its version so the
+/// other side hands it to the app as it arrived. Upgrades keep HTTP/1.1.
+pub fn upgrade_to_h2(parts: &mut http::request::Parts) {
+    let orig = match parts.version {
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        _ => return,
+    };
+    parts
+        .headers
+        .insert(ORIG_PROTO, HeaderValue::from_static(orig));
+    parts.version = http::Version::HTTP_2;
+    // The authority travels as `:authority`.
+    parts.headers.remove(header::HOST);
+}
+
+/// Undoes [`upgrade_to_h2`] on the inbound side: restores the version and the `Host` header.
+/// The marker is only believed on HTTP/2 (where only a sidecar can have set it); elsewhere it
+/// is dropped.
+pub fn restore_orig_proto(parts: &mut http::request::Parts) {
+    let Some(orig) = parts.headers.remove(ORIG_PROTO) else {
+        return;
+    };
+    if parts.version != http::Version::HTTP_2 {
+        return;
+    }
+    parts.version = match orig.as_bytes() {
+        b"HTTP/1.0" => http::Version::HTTP_10,
+        b"HTTP/1.1" => http::Version::HTTP_11,
+        _ => return,
+    };
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(authority) = parts.uri.authority()
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        parts.headers.insert(header::HOST, host);
+    }
 }
 
 #[cfg(test)]

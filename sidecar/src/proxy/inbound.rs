@@ -18,7 +18,7 @@ use tower::{Layer, ServiceExt, service_fn};
 use super::Shared;
 use super::http::{
     Body, CORRELATION_ID, ErrorKind, OUTRIDER_PEER, ProxyError, boxed, empty,
-    ensure_correlation_id, is_grpc, is_upgrade_head, strip_hop_by_hop,
+    ensure_correlation_id, is_grpc, is_upgrade_head, restore_orig_proto, strip_hop_by_hop,
 };
 use super::outbound::{head_too_large, splice};
 use crate::config::{AuthzRule, Config};
@@ -163,6 +163,7 @@ async fn serve(
         None
     };
     strip_hop_by_hop(&mut parts.headers, upgrade);
+    restore_orig_proto(&mut parts);
     // Only this sidecar may say who the caller is.
     parts.headers.remove(OUTRIDER_PEER);
     if let Some(value) = &peer.header {

@@ -21,9 +21,9 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::http::{
-    Body, CORRELATION_ID, ErrorKind, GRPC_TIMEOUT, OUTRIDER_PEER, ProxyError, boxed, empty,
-    ensure_correlation_id, grpc_timeout_value, is_grpc, is_upgrade_head, parse_grpc_timeout,
-    strip_hop_by_hop,
+    Body, CORRELATION_ID, ErrorKind, GRPC_TIMEOUT, ORIG_PROTO, OUTRIDER_PEER, ProxyError, boxed,
+    empty, ensure_correlation_id, grpc_timeout_value, is_grpc, is_upgrade_head, parse_grpc_timeout,
+    strip_hop_by_hop, upgrade_to_h2,
 };
 use super::pool::SendError;
 use super::route::{is_local, parse_authority};
@@ -130,6 +130,10 @@ pub async fn handle(
     }
     strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.headers.remove(OUTRIDER_PEER);
+    parts.headers.remove(ORIG_PROTO);
+    if !upgrade && upstream.balancer.is_mesh() {
+        upgrade_to_h2(&mut parts);
+    }
     set_upstream_uri(&mut parts, &authority);
     let upstream_req = Request::from_parts(parts, boxed(body));
 

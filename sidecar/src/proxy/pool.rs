@@ -66,7 +66,22 @@ impl SendError {
     /// True when the exchange failed because the client's own request body failed (malformed
     /// chunked encoding, a client that went away): the client's fault, not the upstream's.
     pub fn client_body_failed(&self) -> bool {
-        matches!(self, SendError::Http(_, e) if e.is_user() || e.is_body_write_aborted())
+        let SendError::Http(_, e) = self else {
+            return false;
+        };
+        if e.is_user() || e.is_body_write_aborted() {
+            return true;
+        }
+        // Over HTTP/2 hyper resets the stream itself (a "user" reset, neither the peer's nor
+        // h2's own) when the request body it was streaming failed.
+        let mut source = std::error::Error::source(e);
+        while let Some(err) = source {
+            if let Some(h2) = err.downcast_ref::<h2::Error>() {
+                return h2.is_reset() && !h2.is_remote() && !h2.is_library();
+            }
+            source = err.source();
+        }
+        false
     }
 }
 
