@@ -105,12 +105,11 @@ pub async fn run(mesh: &mut Mesh, settings: &Settings) -> Outcome {
             out.problems.push(format!("user-service fault step: {e:#}"));
         }
         step("5. fault: file-service goes down, then comes back");
-        if let Some(sub) = out.submissions.first().cloned() {
-            if let Err(e) =
+        if let Some(sub) = out.submissions.first().cloned()
+            && let Err(e) =
                 fault_file_service(&client, mesh, &gateway, sub.id, settings, &mut out).await
-            {
-                out.problems.push(format!("file-service fault step: {e:#}"));
-            }
+        {
+            out.problems.push(format!("file-service fault step: {e:#}"));
         }
     }
     out
