@@ -65,6 +65,20 @@ fn parse_labels(text: &str) -> BTreeMap<String, String> {
     labels
 }
 
+/// `current` with `earlier`'s values added (for counters of a process that restarted in between).
+pub fn merge(mut current: Vec<Sample>, earlier: &[Sample]) -> Vec<Sample> {
+    for old in earlier {
+        match current
+            .iter_mut()
+            .find(|s| s.name == old.name && s.labels == old.labels)
+        {
+            Some(s) => s.value += old.value,
+            None => current.push(old.clone()),
+        }
+    }
+    current
+}
+
 /// The sum of `name`'s samples whose labels include every pair of `filter`.
 pub fn sum(samples: &[Sample], name: &str, filter: &[(&str, &str)]) -> f64 {
     samples
@@ -149,6 +163,16 @@ d_bucket{service="a",le="+Inf"} 100
             ),
             2.0
         );
+    }
+
+    #[test]
+    fn merge_adds_counters() {
+        let a = parse("x{a=\"1\"} 2\ny 1\n");
+        let b = parse("x{a=\"1\"} 3\nz 4\n");
+        let m = merge(a, &b);
+        assert_eq!(sum(&m, "x", &[("a", "1")]), 5.0);
+        assert_eq!(sum(&m, "z", &[]), 4.0);
+        assert_eq!(sum(&m, "y", &[]), 1.0);
     }
 
     #[test]

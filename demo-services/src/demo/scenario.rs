@@ -51,6 +51,9 @@ pub struct Outcome {
     pub submissions: Vec<Flow>,
     /// Times the demo saw file-service's circuit open.
     pub circuit_trips: u32,
+    /// Metrics of sidecars the fault steps stopped, scraped just before: a restarted sidecar's
+    /// counters start from zero, so the summary adds these.
+    pub earlier_metrics: Vec<(String, Vec<Sample>)>,
 }
 
 /// Runs the whole scenario, printing progress.
@@ -404,6 +407,7 @@ async fn fault_user_replica(
         "outrider_retries_total",
         &[("service", "user-service")],
     );
+    remember_metrics(client, mesh, "user-service-b", out).await;
     mesh.stop_instance("user-service-b");
     say("killed user-service-b (app and sidecar)");
     let mut ok = 0;
@@ -452,6 +456,7 @@ async fn fault_file_service(
     say(&format!(
         "before: GET /v1/submissions/{submission}/source → {before}"
     ));
+    remember_metrics(client, mesh, "file-service", out).await;
     mesh.stop_instance("file-service");
     say("stopped file-service (app and sidecar)");
     let mut seen = Vec::new();
@@ -528,6 +533,17 @@ async fn fault_file_service(
     Ok(())
 }
 
+async fn remember_metrics(
+    client: &reqwest::Client,
+    mesh: &Mesh,
+    instance: &str,
+    out: &mut Outcome,
+) {
+    if let Ok(samples) = scrape(client, mesh, instance).await {
+        out.earlier_metrics.push((instance.to_string(), samples));
+    }
+}
+
 async fn circuit_state(client: &reqwest::Client, mesh: &Mesh) -> Option<f64> {
     let samples = scrape(client, mesh, "gateway").await.ok()?;
     samples
@@ -581,10 +597,15 @@ pub async fn summary(mesh: &Mesh, outcome: &Outcome) -> String {
     let mut retries = Vec::new();
     let trips = outcome.circuit_trips;
     for instance in &mesh.instances {
-        let Ok(samples) = scrape(&client, mesh, instance.name).await else {
+        let Ok(mut samples) = scrape(&client, mesh, instance.name).await else {
             hops.push(format!("  {:<20} (metrics unavailable)", instance.name));
             continue;
         };
+        for (earlier, old) in &outcome.earlier_metrics {
+            if earlier == instance.name {
+                samples = metrics::merge(samples, old);
+            }
+        }
         let mut upstreams = BTreeSet::new();
         for s in samples
             .iter()
@@ -615,8 +636,8 @@ pub async fn summary(mesh: &Mesh, outcome: &Outcome) -> String {
                 "  {:<20} → {:<20} {:>6} requests {:>4} non-2xx   p50 {:>8}  p99 {:>8}",
                 instance.name,
                 up,
-                total,
-                errors,
+                total as u64,
+                errors as u64,
                 ms(0.5),
                 ms(0.99)
             ));
@@ -629,29 +650,29 @@ pub async fn summary(mesh: &Mesh, outcome: &Outcome) -> String {
                 "  {:<20} → {:<20} {:>6}",
                 instance.name,
                 s.label("service"),
-                s.value
+                s.value as u64
             ));
         }
         for s in samples
             .iter()
-            .filter(|s| s.name == "outrider_broker_published_total")
+            .filter(|s| s.name == "outrider_broker_published_total" && s.value > 0.0)
         {
             events.push(format!(
                 "  {:<20} published  {:<18} {:>6}",
                 instance.name,
                 s.label("target"),
-                s.value
+                s.value as u64
             ));
         }
         for s in samples
             .iter()
-            .filter(|s| s.name == "outrider_broker_deliveries_total")
+            .filter(|s| s.name == "outrider_broker_deliveries_total" && s.value > 0.0)
         {
             events.push(format!(
                 "  {:<20} delivered  {:<18} {:>6} {}",
                 instance.name,
                 s.label("target"),
-                s.value,
+                s.value as u64,
                 s.label("outcome")
             ));
         }
