@@ -2,7 +2,7 @@
 //! `POST /shutdown`. Binds to loopback by default; `/shutdown` answers loopback callers only.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -99,37 +99,15 @@ fn route(admin: &Admin, remote: SocketAddr, req: Request<Incoming>) -> Response<
             }
         }
         (&Method::GET, "/endpoints") => {
-            let services: Vec<serde_json::Value> = admin
-                .shared
-                .discovery
-                .snapshot()
-                .into_iter()
-                .map(|(service, namespace, source, state)| {
-                    let (state, endpoints, error) = match state {
-                        crate::discovery::Resolution::Pending => ("pending", vec![], None),
-                        crate::discovery::Resolution::Ready(addrs) => (
-                            "ready",
-                            addrs.iter().map(ToString::to_string).collect(),
-                            None,
-                        ),
-                        crate::discovery::Resolution::Unavailable(e) => {
-                            ("unavailable", vec![], Some(e))
-                        }
-                    };
-                    serde_json::json!({
-                        "service": service, "namespace": namespace, "source": source,
-                        "state": state, "endpoints": endpoints, "error": error,
-                    })
-                })
-                .collect();
+            // One entry per known service: source, state (pending/ready/stale/unavailable),
+            // endpoints, last error; see docs/discovery.md.
+            let services = admin.shared.discovery.snapshot();
             json(StatusCode::OK, &serde_json::json!({ "services": services }))
         }
         (&Method::POST, "/shutdown") => {
-            if !remote.ip().is_loopback() {
-                return text(
-                    StatusCode::FORBIDDEN,
-                    "shutdown is allowed from loopback only\n",
-                );
+            if let Err(reason) = shutdown_allowed(remote.ip(), req.headers()) {
+                tracing::warn!(%remote, reason, "shutdown request refused");
+                return text(StatusCode::FORBIDDEN, format!("{reason}\n"));
             }
             tracing::info!("shutdown requested through the admin API");
             let _ = admin.shutdown.send(true);
@@ -140,6 +118,19 @@ fn route(admin: &Admin, remote: SocketAddr, req: Request<Incoming>) -> Response<
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// `POST /shutdown` answers loopback callers only (an IPv4-mapped `::ffff:127.0.0.1` counts as
+/// loopback when the admin listener is bound to `[::]`), and never a browser: a web page can
+/// send a cross-origin POST to `127.0.0.1`, and browsers always mark those with `Origin`.
+fn shutdown_allowed(remote: IpAddr, headers: &http::HeaderMap) -> Result<(), &'static str> {
+    if !remote.to_canonical().is_loopback() {
+        return Err("shutdown is allowed from loopback only");
+    }
+    if headers.contains_key(header::ORIGIN) {
+        return Err("shutdown is not allowed from a browser (the request has an Origin header)");
+    }
+    Ok(())
 }
 
 fn not_ready(admin: &Admin) -> Option<String> {
@@ -155,4 +146,34 @@ fn not_ready(admin: &Admin) -> Option<String> {
         return Some(format!("broker: {reason}"));
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shutdown_is_for_loopback_callers_without_origin() {
+        let none = http::HeaderMap::new();
+        for ok in ["127.0.0.1", "127.0.0.2", "::1", "::ffff:127.0.0.1"] {
+            let ip: IpAddr = ok.parse().expect("ip");
+            assert!(shutdown_allowed(ip, &none).is_ok(), "{ok}");
+        }
+        for refused in [
+            "192.0.2.2",
+            "10.0.0.1",
+            "::ffff:10.0.0.1",
+            "2001:db8::1",
+            "0.0.0.0",
+        ] {
+            let ip: IpAddr = refused.parse().expect("ip");
+            assert!(shutdown_allowed(ip, &none).is_err(), "{refused}");
+        }
+        let mut browser = http::HeaderMap::new();
+        browser.insert(
+            header::ORIGIN,
+            header::HeaderValue::from_static("https://evil.example"),
+        );
+        assert!(shutdown_allowed(IpAddr::from([127, 0, 0, 1]), &browser).is_err());
+    }
 }

@@ -80,6 +80,14 @@ enum Command {
         #[command(flatten)]
         options: outrider::inject::CliOptions,
     },
+    /// Wait until the local sidecar is ready (the pre-1.29 injection's postStart hook).
+    Await {
+        /// The sidecar's admin listener.
+        #[arg(long, default_value = "127.0.0.1:7191")]
+        admin: std::net::SocketAddr,
+        #[arg(long, default_value_t = 120)]
+        timeout_seconds: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -153,6 +161,10 @@ fn main() -> ExitCode {
             init_logging(&cli.log);
             outrider::inject::run_injector(listen, &tls_cert, &tls_key, &options)
         }
+        Command::Await {
+            admin,
+            timeout_seconds,
+        } => outrider::inject::run_await(admin, timeout_seconds),
     }
 }
 

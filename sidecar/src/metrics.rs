@@ -35,6 +35,8 @@ pub struct Metrics {
     pub cert_reloads_total: IntCounterVec,
     pub discovery_errors_total: IntCounterVec,
     pub outlier_ejections_total: IntCounterVec,
+    /// 1 when a service is reached over mesh mTLS, 0 for plain HTTP (`mtls: false` or tls disabled).
+    pub upstream_mtls: IntGaugeVec,
 }
 
 impl Metrics {
@@ -150,6 +152,11 @@ impl Metrics {
             "Endpoints ejected for consecutive failures, by service.",
             &["service"],
         );
+        let upstream_mtls = gauge_vec(
+            "outrider_upstream_mtls",
+            "1 when the upstream service is reached over mesh mTLS, 0 for plain HTTP.",
+            &["service"],
+        );
         Self {
             registry,
             requests_total,
@@ -168,6 +175,7 @@ impl Metrics {
             cert_reloads_total,
             discovery_errors_total,
             outlier_ejections_total,
+            upstream_mtls,
         }
     }
 

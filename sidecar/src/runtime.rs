@@ -89,13 +89,20 @@ pub async fn run(path: PathBuf, config: Config) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
     let tls = match &config.tls {
         Tls::Mtls(files) => {
-            let tls = MeshTls::new(files).map_err(|e| RunError::Invalid(format!("tls: {e}")))?;
+            let tls = MeshTls::new(files)
+                .map_err(|e| RunError::Invalid(format!("tls: {e}")))?
+                .with_outbound_handshake_errors(
+                    metrics
+                        .tls_handshake_errors_total
+                        .with_label_values(&["outbound"]),
+                );
             Some(Arc::new(tls))
         }
         Tls::Disabled => None,
     };
     if let Some(tls) = &tls {
         report_cert(tls, &metrics);
+        check_identity(tls, &config.own_identity());
     }
     let outbound = bind("outbound", config.listen.outbound).await?;
     let inbound = bind("inbound", config.listen.inbound).await?;
@@ -150,7 +157,13 @@ pub async fn run(path: PathBuf, config: Config) -> Result<(), RunError> {
 
     tokio::spawn(reload_config(path, shared.clone()));
     if let (Some(tls), Tls::Mtls(files)) = (tls.clone(), &shared.config.load().tls) {
-        tokio::spawn(reload_certs(tls, files.clone(), metrics.clone()));
+        let own_identity = shared.config.load().own_identity();
+        tokio::spawn(reload_certs(
+            tls,
+            files.clone(),
+            metrics.clone(),
+            own_identity,
+        ));
     }
 
     wait_for_shutdown(shutdown_rx.clone()).await;
@@ -263,8 +276,26 @@ fn report_cert(tls: &MeshTls, metrics: &Metrics) {
     }
 }
 
+/// A certificate for another identity is allowed (it is valid mesh material), but callers will
+/// refuse this sidecar: say so.
+fn check_identity(tls: &MeshTls, own_identity: &str) {
+    let presented = tls.identity_id();
+    if presented != own_identity {
+        tracing::warn!(
+            certificate = %presented,
+            expected = %own_identity,
+            "the workload certificate names another identity than this sidecar's service and namespace: callers will refuse it"
+        );
+    }
+}
+
 /// Watches the cert, key and CA files; validated new material is used for new connections.
-async fn reload_certs(tls: Arc<MeshTls>, files: config::MtlsFiles, metrics: Arc<Metrics>) {
+async fn reload_certs(
+    tls: Arc<MeshTls>,
+    files: config::MtlsFiles,
+    metrics: Arc<Metrics>,
+    own_identity: String,
+) {
     let paths = [files.ca.clone(), files.cert.clone(), files.key.clone()];
     let (_guard, mut changes) = match config::reload::watch_files(&paths) {
         Ok((guard, rx)) => (Some(guard), rx),
@@ -288,6 +319,7 @@ async fn reload_certs(tls: Arc<MeshTls>, files: config::MtlsFiles, metrics: Arc<
                 metrics.cert_reloads_total.with_label_values(&["ok"]).inc();
                 tracing::info!(serial = %tls.serial(), "new certificate material in use");
                 report_cert(&tls, &metrics);
+                check_identity(&tls, &own_identity);
             }
             Ok(false) => {}
             Err(error) => {

@@ -280,7 +280,7 @@ pub struct RateLimit {
     pub burst: u32,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Clone, Serialize)]
 pub struct Broker {
     /// Never logged or shown as is: see [`Broker::redacted_url`].
     #[serde(rename = "url", serialize_with = "serialize_redacted_url")]
@@ -298,6 +298,20 @@ pub struct Broker {
     /// Timeout of one delivery POST to the app.
     #[serde(serialize_with = "serialize_duration")]
     pub delivery_timeout: Duration,
+}
+
+/// Like the derived `Debug`, with the URL's password redacted: a `{:?}` of the config in a log
+/// line or a panic message must not print it.
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("url", &self.redacted_url())
+            .field("exchange", &self.exchange)
+            .field("publishes", &self.publishes)
+            .field("enqueues", &self.enqueues)
+            .field("subscriptions", &self.subscriptions)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Broker {

@@ -131,6 +131,8 @@ impl ProxyError {
                 GRPC_STATUS,
                 HeaderValue::from(u16::from(self.kind.grpc_code())),
             );
+            // In the trailers too: gRPC libraries surface trailers, not headers, as the status.
+            trailers.insert(OUTRIDER_ERROR, kind.clone());
             if let Ok(message) = HeaderValue::from_str(&percent_encode_grpc(&self.message)) {
                 trailers.insert(GRPC_MESSAGE, message);
             }

@@ -123,6 +123,11 @@ pub async fn handle(
                 Response::from_parts(parts, boxed(body))
             }
         }
+        Err(error) if error.client_body_failed() => ProxyError::new(
+            ErrorKind::BadRequest,
+            "the request body was malformed or cut short",
+        )
+        .into_response(grpc),
         Err(error) => {
             tracing::warn!(%error, "the local app is unreachable");
             ProxyError::new(ErrorKind::Unavailable, "the service's app is unreachable")
@@ -182,14 +187,30 @@ fn authorized<B>(rules: &[AuthzRule], peer: &Peer, req: &Request<B>) -> bool {
     let Some(id) = peer.id.as_deref() else {
         return false;
     };
+    let path = req.uri().path();
     rules.iter().any(|rule| {
         rule.from.iter().any(|f| f == "*" || f == id)
             && rule
                 .path_prefix
                 .as_deref()
-                .is_none_or(|prefix| req.uri().path().starts_with(prefix))
+                .is_none_or(|prefix| path.starts_with(prefix) && is_plain_path(path))
             && (rule.methods.is_empty() || rule.methods.iter().any(|m| m == req.method().as_str()))
     })
+}
+
+/// True when `path` means what it says to any app: no `.` or `..` segment (also not
+/// percent-encoded) and no encoded `/` or `\`, nor a raw `\`. A path that fails this never
+/// matches a `path_prefix` rule, so `/v1/../admin` cannot pass a `/v1/` rule and reach an app
+/// that normalizes it to `/admin`.
+fn is_plain_path(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || path.contains('\\') {
+        return false;
+    }
+    lower
+        .split('/')
+        .map(|segment| segment.replace("%2e", "."))
+        .all(|segment| segment != "." && segment != "..")
 }
 
 fn finish(
@@ -206,4 +227,89 @@ fn finish(
         .with_label_values(&["inbound", peer.service.as_str()])
         .observe(started.elapsed().as_secs_f64());
     response
+}
+
+#[cfg(test)]
+mod authz_tests {
+    use super::*;
+
+    fn rule(from: &[&str], path_prefix: Option<&str>, methods: &[&str]) -> AuthzRule {
+        AuthzRule {
+            from: from.iter().map(|s| s.to_string()).collect(),
+            path_prefix: path_prefix.map(str::to_string),
+            methods: methods.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn allows(rules: &[AuthzRule], caller: Option<&str>, method: &str, path: &str) -> bool {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(())
+            .expect("request");
+        authorized(rules, &Peer::new(caller.map(str::to_string)), &req)
+    }
+
+    const WEB: &str = "spiffe://mesh.local/ns/default/sa/web";
+
+    #[test]
+    fn rules_match_caller_path_and_method() {
+        assert!(allows(&[], Some(WEB), "DELETE", "/anything"));
+        let rules = [
+            rule(&[WEB], Some("/v1/"), &[]),
+            rule(&["*"], Some("/public"), &["GET"]),
+        ];
+        assert!(allows(&rules, Some(WEB), "POST", "/v1/users"));
+        assert!(!allows(&rules, Some(WEB), "POST", "/v2/users"));
+        assert!(allows(
+            &rules,
+            Some("spiffe://mesh.local/ns/x/sa/y"),
+            "GET",
+            "/public/a"
+        ));
+        assert!(!allows(
+            &rules,
+            Some("spiffe://mesh.local/ns/x/sa/y"),
+            "POST",
+            "/public/a"
+        ));
+        assert!(!allows(
+            &rules,
+            Some("spiffe://mesh.local/ns/x/sa/y"),
+            "GET",
+            "/v1/users"
+        ));
+        // Without an authenticated identity (tls disabled) rules never match, not even `*`.
+        assert!(!allows(&rules, None, "GET", "/public/a"));
+    }
+
+    #[test]
+    fn dot_segments_and_encoded_separators_never_match_a_prefix() {
+        let rules = [rule(&[WEB], Some("/v1/"), &[])];
+        for sneaky in [
+            "/v1/../admin",
+            "/v1/./x",
+            "/v1/%2e%2e/admin",
+            "/v1/%2E%2E/admin",
+            "/v1/.%2e/admin",
+            "/v1/..%2fadmin",
+            "/v1/..%5Cadmin",
+            "/v1/..\\admin",
+        ] {
+            assert!(!allows(&rules, Some(WEB), "GET", sneaky), "{sneaky}");
+        }
+        assert!(allows(
+            &rules,
+            Some(WEB),
+            "GET",
+            "/v1/a.b/..c/x..y/report%2ejson"
+        ));
+        // A rule without path_prefix does not look at the path.
+        assert!(allows(
+            &[rule(&[WEB], None, &[])],
+            Some(WEB),
+            "GET",
+            "/v1/../x"
+        ));
+    }
 }

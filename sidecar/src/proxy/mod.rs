@@ -41,8 +41,8 @@ pub struct Upstream {
     pub balancer: Arc<Balancer>,
 }
 
-/// A service name and the namespace its authority named, if any.
-type UpstreamKey = (String, Option<String>);
+/// Upstreams by service name, then by the namespace the authority named (None: our own).
+type UpstreamMap = HashMap<String, Vec<(Option<String>, Arc<Upstream>)>>;
 
 /// State shared by every listener of one sidecar.
 pub struct Shared {
@@ -53,7 +53,7 @@ pub struct Shared {
     pub local_api: Option<Arc<dyn LocalApi>>,
     /// The connections to the local app (inbound side).
     pub app: EndpointPool,
-    upstreams: RwLock<HashMap<UpstreamKey, Arc<Upstream>>>,
+    upstreams: RwLock<UpstreamMap>,
 }
 
 impl Shared {
@@ -75,16 +75,21 @@ impl Shared {
         })
     }
 
-    /// The upstream for a service (`None`: unknown service).
+    /// The upstream for a service (`None`: unknown service). An authority naming this sidecar's
+    /// own namespace shares the upstream of the bare name. Lookups allocate nothing.
     pub fn upstream(&self, service: &str, namespace: Option<&str>) -> Option<Arc<Upstream>> {
-        let key = (service.to_string(), namespace.map(str::to_string));
+        let namespace = {
+            let config = self.config.load();
+            namespace.filter(|ns| *ns != config.namespace.as_str())
+        };
         if let Some(up) = self
             .upstreams
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
+            .get(service)
+            .and_then(|by_ns| by_ns.iter().find(|(ns, _)| ns.as_deref() == namespace))
         {
-            return Some(up.clone());
+            return Some(up.1.clone());
         }
         let target = self.discovery.lookup(service, namespace)?;
         let transport = match (&self.tls, target.mtls) {
@@ -94,15 +99,37 @@ impl Shared {
             },
             _ => Transport::Plain,
         };
+        let mtls = matches!(transport, Transport::Mesh { .. });
+        self.metrics
+            .upstream_mtls
+            .with_label_values(&[service])
+            .set(i64::from(mtls));
+        if !mtls {
+            tracing::info!(
+                service,
+                mtls = false,
+                reason = if target.mtls {
+                    "tls disabled"
+                } else {
+                    "mtls: false"
+                },
+                "plain HTTP upstream: no encryption, no identity check"
+            );
+        }
         let upstream = Arc::new(Upstream {
             balancer: Balancer::new(transport, target.endpoints()),
             target,
         });
-        self.upstreams
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, upstream.clone());
-        Some(upstream)
+        let mut upstreams = self.upstreams.write().unwrap_or_else(|p| p.into_inner());
+        let by_ns = upstreams.entry(service.to_string()).or_default();
+        match by_ns.iter().find(|(ns, _)| ns.as_deref() == namespace) {
+            // Another request created it meanwhile: use that one.
+            Some((_, existing)) => Some(existing.clone()),
+            None => {
+                by_ns.push((namespace.map(str::to_string), upstream.clone()));
+                Some(upstream)
+            }
+        }
     }
 
     /// Swaps in a reloaded config. Upstreams whose discovery target is unchanged keep their
@@ -110,11 +137,14 @@ impl Shared {
     pub fn reconfigure(&self, config: Config) {
         self.discovery.reconfigure(&config);
         let mut upstreams = self.upstreams.write().unwrap_or_else(|p| p.into_inner());
-        upstreams.retain(|(service, namespace), up| {
-            self.discovery
-                .lookup(service, namespace.as_deref())
-                .is_some_and(|t| Arc::ptr_eq(&t, &up.target))
-        });
+        for (service, by_ns) in upstreams.iter_mut() {
+            by_ns.retain(|(namespace, up)| {
+                self.discovery
+                    .lookup(service, namespace.as_deref())
+                    .is_some_and(|t| Arc::ptr_eq(&t, &up.target))
+            });
+        }
+        upstreams.retain(|_, by_ns| !by_ns.is_empty());
         drop(upstreams);
         self.config.store(Arc::new(config));
     }

@@ -82,8 +82,8 @@ pub async fn handle(
             ),
         );
     };
-    let Some(upstream) = shared.upstream(name.service, name.namespace) else {
-        let service = name.service.to_owned();
+    let Some(upstream) = shared.upstream(&name.service, name.namespace.as_deref()) else {
+        let service = name.service.into_owned();
         return finish_error(
             &shared,
             &service,
@@ -91,7 +91,7 @@ pub async fn handle(
             grpc,
             ProxyError::new(
                 ErrorKind::UnknownService,
-                format!("unknown service `{}`", name.service),
+                format!("unknown service `{service}`"),
             ),
         );
     };
@@ -233,6 +233,14 @@ async fn forward(
             strip_hop_by_hop(&mut parts.headers, false);
             Ok((Response::from_parts(parts, boxed(body)), endpoint.addr))
         }
+        Err(error) if error.client_body_failed() => {
+            // Not the endpoint's fault: no outlier penalty.
+            in_flight.finish(true, &policy.outlier);
+            Err(ProxyError::new(
+                ErrorKind::BadRequest,
+                "the request body was malformed or cut short",
+            ))
+        }
         Err(error) => {
             in_flight.finish(false, &policy.outlier);
             tracing::debug!(%error, service = %upstream.target.service, "upstream request failed");
@@ -270,7 +278,7 @@ fn connect(shared: Arc<Shared>, listener: SocketAddr, req: Request<Incoming>) ->
     };
     if !is_local(&target, listener) {
         let known = parse_authority(&target)
-            .and_then(|n| shared.upstream(n.service, n.namespace))
+            .and_then(|n| shared.upstream(&n.service, n.namespace.as_deref()))
             .is_some();
         if !known {
             return ProxyError::new(

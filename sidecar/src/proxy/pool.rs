@@ -62,6 +62,12 @@ impl SendError {
     pub fn never_sent(&self) -> bool {
         matches!(self, SendError::Connect(_))
     }
+
+    /// True when the exchange failed because the client's own request body failed (malformed
+    /// chunked encoding, a client that went away): the client's fault, not the upstream's.
+    pub fn client_body_failed(&self) -> bool {
+        matches!(self, SendError::Http(_, e) if e.is_user() || e.is_body_write_aborted())
+    }
 }
 
 /// A TCP or TLS stream to an upstream.
@@ -149,10 +155,10 @@ pub async fn dial(
                 // The server name is not checked (the verifier checks the SPIFFE ID), but
                 // rustls needs one: the IP keeps SNI out of the handshake.
                 let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-                let stream = connector
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| ConnectError::Tls(addr, e))?;
+                let stream = connector.connect(name, tcp).await.map_err(|e| {
+                    tls.outbound_handshake_failed();
+                    ConnectError::Tls(addr, e)
+                })?;
                 Ok(Io::Tls(Box::new(stream)))
             }
         }
@@ -231,19 +237,28 @@ impl EndpointPool {
         self.send_h1_new(req, connect_timeout).await
     }
 
-    async fn send_h1_new(
+    /// A new HTTP/1.1 connection (upgrades allowed), its driver running on a task.
+    async fn connect_h1(
         &self,
-        req: Request<Body>,
         connect_timeout: Duration,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<http1::SendRequest<Body>, ConnectError> {
         let io = dial(&self.transport, self.addr, Alpn::Http1, connect_timeout).await?;
-        let (mut sender, conn) = http1::Builder::new()
+        let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| ConnectError::Http(self.addr, e))?;
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
         });
+        Ok(sender)
+    }
+
+    async fn send_h1_new(
+        &self,
+        req: Request<Body>,
+        connect_timeout: Duration,
+    ) -> Result<Response<Incoming>, SendError> {
+        let mut sender = self.connect_h1(connect_timeout).await?;
         let future = sender.send_request(req);
         {
             let mut idle = self.h1.lock().unwrap_or_else(|p| p.into_inner());
@@ -260,15 +275,8 @@ impl EndpointPool {
         req: Request<Body>,
         connect_timeout: Duration,
     ) -> Result<Response<Incoming>, SendError> {
-        let io = dial(&self.transport, self.addr, Alpn::Http1, connect_timeout).await?;
-        let (mut sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| ConnectError::Http(self.addr, e))?;
-        tokio::spawn(async move {
-            let _ = conn.with_upgrades().await;
-        });
-        sender
+        self.connect_h1(connect_timeout)
+            .await?
             .send_request(req)
             .await
             .map_err(|e| SendError::Http(self.addr, e))

@@ -1,13 +1,15 @@
 //! Routing by authority: which service a request names (CONTRACT §4), or whether it is
 //! addressed to the sidecar itself.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 
-/// A service named by an authority, and the namespace if the authority named one.
+/// A service named by an authority, and the namespace if the authority named one. Names are
+/// lower case (authorities are case-insensitive); borrowed unless they had to be lowered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceName<'a> {
-    pub service: &'a str,
-    pub namespace: Option<&'a str>,
+    pub service: Cow<'a, str>,
+    pub namespace: Option<Cow<'a, str>>,
 }
 
 /// Strips the port from `host:port` and brackets from `[v6]:port`.
@@ -21,10 +23,20 @@ pub fn host_of(authority: &str) -> &str {
     }
 }
 
-/// Maps `svc`, `svc:80`, `svc.ns`, `svc.ns.svc`, `svc.ns.svc.cluster.local[:port]` to a
-/// service (and namespace). Anything else (IPs, outside names) is `None`.
+/// Maps `svc`, `svc:80`, `svc.ns`, `svc.ns.svc`, `svc.ns.svc.cluster.local[:port]` (any
+/// cluster domain after `svc`, optional trailing dot) to a service and namespace. Anything else
+/// (IPs, outside names, bad ports) is `None`. Allocation-free unless a name has upper case.
 pub fn parse_authority(authority: &str) -> Option<ServiceName<'_>> {
-    let host = host_of(authority).trim_end_matches('.');
+    if authority.starts_with('[') {
+        return None;
+    }
+    if let Some((_, port)) = authority.rsplit_once(':')
+        && port.parse::<u16>().is_err()
+    {
+        return None;
+    }
+    let host = host_of(authority);
+    let host = host.strip_suffix('.').unwrap_or(host);
     if host.is_empty() || host.parse::<std::net::IpAddr>().is_ok() {
         return None;
     }
@@ -41,14 +53,27 @@ pub fn parse_authority(authority: &str) -> Option<ServiceName<'_>> {
     if !suffix_ok || !is_label(service) || namespace.is_some_and(|ns| !is_label(ns)) {
         return None;
     }
-    Some(ServiceName { service, namespace })
+    Some(ServiceName {
+        service: lowered(service),
+        namespace: namespace.map(lowered),
+    })
 }
 
+fn lowered(s: &str) -> Cow<'_, str> {
+    if s.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(s.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+/// Letters, digits and `-`, not at either end, at most 63 bytes (RFC 1123).
 fn is_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 /// True when the authority addresses the sidecar itself (its local API).
@@ -67,35 +92,58 @@ pub fn is_local(authority: &str, listener: SocketAddr) -> bool {
 mod tests {
     use super::*;
 
-    fn parsed(a: &str) -> Option<(&str, Option<&str>)> {
-        parse_authority(a).map(|n| (n.service, n.namespace))
+    fn parsed(a: &str) -> Option<(String, Option<String>)> {
+        parse_authority(a).map(|n| (n.service.into_owned(), n.namespace.map(Cow::into_owned)))
+    }
+
+    fn some(service: &str, ns: Option<&str>) -> Option<(String, Option<String>)> {
+        Some((service.to_string(), ns.map(str::to_string)))
     }
 
     #[test]
     fn authority_forms() {
-        assert_eq!(parsed("user-service"), Some(("user-service", None)));
-        assert_eq!(parsed("user-service:80"), Some(("user-service", None)));
+        assert_eq!(parsed("user-service"), some("user-service", None));
+        assert_eq!(parsed("user-service:80"), some("user-service", None));
         assert_eq!(
             parsed("user-service.demo"),
-            Some(("user-service", Some("demo")))
+            some("user-service", Some("demo"))
         );
         assert_eq!(
             parsed("user-service.demo.svc"),
-            Some(("user-service", Some("demo")))
+            some("user-service", Some("demo"))
         );
         assert_eq!(
             parsed("user-service.demo.svc.cluster.local:7143"),
-            Some(("user-service", Some("demo")))
+            some("user-service", Some("demo"))
         );
         assert_eq!(
             parsed("user-service.demo.svc.cluster.local."),
-            Some(("user-service", Some("demo")))
+            some("user-service", Some("demo"))
         );
         assert_eq!(parsed("api.example.com"), None);
         assert_eq!(parsed("10.0.0.1:80"), None);
         assert_eq!(parsed("[::1]:80"), None);
         assert_eq!(parsed("User_Service"), None);
         assert_eq!(parsed(""), None);
+        assert_eq!(
+            parsed("User-Service.Demo"),
+            some("user-service", Some("demo"))
+        );
+        assert_eq!(
+            parsed("user-service.demo.svc.corp.example"),
+            some("user-service", Some("demo"))
+        );
+        for bad in [
+            ":80",
+            "user-service:",
+            "user-service:http",
+            "user-service:99999",
+            "-svc",
+            "svc-",
+            "a..b",
+        ] {
+            assert_eq!(parsed(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -88,8 +88,9 @@ impl Identity {
         let Some(leaf) = chain.first() else {
             return Err(invalid(&files.cert, "no certificate in the file"));
         };
+        // The parse error is not shown: it may quote a line of the key file.
         let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?)
-            .map_err(|e| invalid(&files.key, format!("not a PEM private key: {e}")))?;
+            .map_err(|_| invalid(&files.key, "not a PEM private key (PKCS#8, PKCS#1 or SEC1)"))?;
         let signing_key = provider
             .key_provider
             .load_private_key(key)
@@ -201,6 +202,8 @@ pub struct MeshTls {
     trust_domain: String,
     handshake_timeout: std::time::Duration,
     state: ArcSwap<State>,
+    /// Counts failed handshakes with upstreams, when set.
+    outbound_handshake_errors: Option<prometheus::IntCounter>,
 }
 
 impl MeshTls {
@@ -210,7 +213,22 @@ impl MeshTls {
             trust_domain: files.trust_domain.clone(),
             handshake_timeout: files.handshake_timeout,
             state: ArcSwap::from_pointee(Self::build(identity, &files.trust_domain)?),
+            outbound_handshake_errors: None,
         })
+    }
+
+    /// Counts failed outbound handshakes (wrong identity, unknown CA, TLS 1.2 only, ...) in
+    /// `counter`.
+    pub fn with_outbound_handshake_errors(mut self, counter: prometheus::IntCounter) -> Self {
+        self.outbound_handshake_errors = Some(counter);
+        self
+    }
+
+    /// Records one failed handshake with an upstream.
+    pub fn outbound_handshake_failed(&self) {
+        if let Some(counter) = &self.outbound_handshake_errors {
+            counter.inc();
+        }
     }
 
     fn build(identity: Identity, trust_domain: &str) -> Result<State, TlsError> {

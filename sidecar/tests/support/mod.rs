@@ -120,8 +120,19 @@ impl Sidecar {
         sidecar
     }
 
+    /// Like [`Sidecar::start`], logging at `--log-level debug`.
+    pub fn start_debug(yaml: &str) -> Self {
+        let sidecar = Self::spawn_logging(yaml, Ports::new(), &[], "debug");
+        sidecar.wait_ready(Duration::from_secs(15));
+        sidecar
+    }
+
     /// Starts without waiting for readiness.
     pub fn spawn(yaml: &str, ports: Ports, env: &[(&str, &str)]) -> Self {
+        Self::spawn_logging(yaml, ports, env, "info")
+    }
+
+    fn spawn_logging(yaml: &str, ports: Ports, env: &[(&str, &str)], level: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("outrider.yaml");
         std::fs::write(&config, format!("{}{}", ports.yaml(), yaml)).expect("write config");
@@ -130,7 +141,7 @@ impl Sidecar {
         let mut cmd = Command::new(BIN);
         cmd.args(["run", "-c"])
             .arg(&config)
-            .args(["--log-format", "json", "--log-level", "info"])
+            .args(["--log-format", "json", "--log-level", level])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log_file));
@@ -353,49 +364,6 @@ pub async fn raw_mtls_request(
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     init();
-    #[derive(Debug)]
-    struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
-    impl rustls::client::danger::ServerCertVerifier for AcceptAny {
-        fn verify_server_cert(
-            &self,
-            _: &CertificateDer<'_>,
-            _: &[CertificateDer<'_>],
-            _: &rustls::pki_types::ServerName<'_>,
-            _: &[u8],
-            _: rustls::pki_types::UnixTime,
-        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            m: &[u8],
-            c: &CertificateDer<'_>,
-            d: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(
-                m,
-                c,
-                d,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-        fn verify_tls13_signature(
-            &self,
-            m: &[u8],
-            c: &CertificateDer<'_>,
-            d: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(
-                m,
-                c,
-                d,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            self.0.signature_verification_algorithms.supported_schemes()
-        }
-    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -442,6 +410,203 @@ pub async fn raw_mtls_request(
 }
 
 use std::sync::Arc;
+
+/// A server certificate verifier that accepts anything (the tests look at what was presented).
+#[derive(Debug)]
+pub struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// What the server of an mTLS handshake presented.
+#[derive(Debug)]
+pub struct Presented {
+    /// DER of the leaf certificate.
+    pub leaf: Vec<u8>,
+    pub version: Option<rustls::ProtocolVersion>,
+}
+
+impl Presented {
+    /// The serial number of the presented leaf (big-endian bytes).
+    pub fn serial(&self) -> Vec<u8> {
+        cert_serial(&self.leaf)
+    }
+}
+
+/// Completes a TLS handshake with `addr` (any server certificate accepted) offering only
+/// `versions`, with an optional client certificate, and returns what the server presented. The
+/// server may still refuse the client certificate after its Finished: a read follows so such a
+/// refusal is reported as an error too.
+pub async fn tls_probe(
+    addr: SocketAddr,
+    client_cert: Option<(&Path, &Path)>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<Presented, String> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    init();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)));
+    let mut config = match client_cert {
+        Some((cert, key)) => {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+                .map_err(|e| e.to_string())?
+                .collect::<Result<_, _>>()
+                .map_err(|e| e.to_string())?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| e.to_string())?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| e.to_string())?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let mut tls = tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp))
+        .await
+        .map_err(|_| "handshake timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let (_, conn) = tls.get_ref();
+    let leaf = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.to_vec())
+        .ok_or("no server certificate")?;
+    let version = conn.protocol_version();
+    // TLS 1.3: a refused client certificate shows up as an alert on the first read.
+    tls.write_all(b"GET /live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 16];
+    match tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 => Ok(Presented { leaf, version }),
+        Ok(Ok(_)) => Err("connection closed without a response".into()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}
+
+/// The serial number (big-endian bytes) of a DER certificate.
+pub fn cert_serial(der: &[u8]) -> Vec<u8> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).expect("certificate");
+    cert.raw_serial().to_vec()
+}
+
+/// The leaf (first) certificate of a PEM file, as DER.
+pub fn pem_leaf(path: &Path) -> Vec<u8> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    CertificateDer::pem_file_iter(path)
+        .expect("pem")
+        .next()
+        .expect("a certificate")
+        .expect("valid pem")
+        .to_vec()
+}
+
+/// notAfter of a DER certificate, Unix seconds.
+pub fn cert_not_after(der: &[u8]) -> i64 {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).expect("certificate");
+    cert.validity().not_after.timestamp()
+}
+
+/// A directory laid out like a Kubernetes Secret volume: the files live in a timestamped
+/// directory, `..data` points at it, and each visible file is a symlink through `..data`. An
+/// update writes a new timestamped directory and renames a new `..data` symlink over the old one:
+/// every file changes at once, atomically.
+pub struct SecretDir {
+    pub dir: PathBuf,
+    version: u32,
+}
+
+impl SecretDir {
+    /// Creates the volume at `dir` with `files` (name, contents).
+    pub fn new(dir: &Path, files: &[(&str, Vec<u8>)]) -> Self {
+        std::fs::create_dir_all(dir).expect("dir");
+        let mut secret = Self {
+            dir: dir.to_path_buf(),
+            version: 0,
+        };
+        secret.update(files);
+        for (name, _) in files {
+            std::os::unix::fs::symlink(format!("..data/{name}"), dir.join(name)).expect("link");
+        }
+        secret
+    }
+
+    /// The path of a visible file.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Atomically replaces the contents of every file (the set of names must not change).
+    pub fn update(&mut self, files: &[(&str, Vec<u8>)]) {
+        self.version += 1;
+        let version = format!(
+            "..2026_11_27_00_00_{:02}.{}",
+            self.version,
+            std::process::id()
+        );
+        let vdir = self.dir.join(&version);
+        std::fs::create_dir_all(&vdir).expect("version dir");
+        for (name, contents) in files {
+            std::fs::write(vdir.join(name), contents).expect("write");
+        }
+        let tmp = self.dir.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&version, &tmp).expect("link");
+        std::fs::rename(&tmp, self.dir.join("..data")).expect("swap ..data");
+    }
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, for at most `within`.
+pub async fn eventually<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
 
 /// A raw gRPC unary call over h2c with hyper (no gRPC library enforcing deadlines itself).
 /// Returns the HTTP status, the grpc-status (from headers or trailers) and the response headers.
