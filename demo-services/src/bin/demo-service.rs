@@ -19,6 +19,9 @@ struct Args {
     /// Where the app listens (its sidecar forwards inbound requests here).
     #[arg(long, env = "APP_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// In a pod: listen on 0.0.0.0:PORT instead (for the kubelet's probes); overrides --listen.
+    #[arg(long, env = "PORT")]
+    port: Option<u16>,
     /// The sidecar's outbound listener: calls to other services, events and tasks go there.
     #[arg(long, env = "MESH_OUTBOUND", default_value = "127.0.0.1:7140")]
     outbound: SocketAddr,
@@ -38,7 +41,10 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(port) = args.port {
+        args.listen = SocketAddr::from(([0, 0, 0, 0], port));
+    }
     let Some(service) = demo_services::services::ALL
         .iter()
         .find(|s| **s == args.service)
