@@ -224,6 +224,18 @@ async fn the_live_page_shows_a_submission_progress_as_it_happens() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
 
+    if let Ok(path) = std::env::var("LIVE_PAGE_SCREENSHOT") {
+        // For a human look: LIVE_PAGE_SCREENSHOT=/tmp/page.png cargo test ... --test live_page
+        use base64::Engine as _;
+        let shot = page
+            .call("Page.captureScreenshot", json!({ "format": "png" }))
+            .await;
+        if let Some(data) = shot["data"].as_str()
+            && let Ok(png) = base64::engine::general_purpose::STANDARD.decode(data)
+        {
+            let _ = std::fs::write(path, png);
+        }
+    }
     assert_eq!(last["status"], "passed", "final page state: {last}");
     assert!(
         last["text"].as_str().is_some_and(|t| t == "passed"),
