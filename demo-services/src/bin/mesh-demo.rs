@@ -40,7 +40,8 @@ struct Args {
     /// Skip the fault steps (replica killed, file-service down).
     #[arg(long)]
     no_faults: bool,
-    /// Count a fault step that does not show the expected resilience as a failure.
+    /// Count a fault step that does not show the expected resilience as a failure (the default
+    /// when the sidecar reports circuit states).
     #[arg(long)]
     strict_faults: bool,
     /// RabbitMQ for the sidecars' bridges.
