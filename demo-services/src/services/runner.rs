@@ -203,7 +203,9 @@ async fn on_test_run(
 ) -> StatusCode {
     r.stats
         .record(&delivery, format!("submission {}", result.submission_id));
-    if let Some(run) = lock(&r.runs).get_mut(&result.submission_id) {
+    if let Some(run) = lock(&r.runs).get_mut(&result.submission_id)
+        && run.correlation_id == delivery.correlation_id
+    {
         run.status = "done".into();
         run.result = Some(result);
     }

@@ -81,6 +81,17 @@ impl Submission {
         });
     }
 
+    /// Whether a delivered message is about this submission's flow: a message left in a queue by
+    /// an earlier run of the platform (same submission id, another correlation id) is not.
+    fn belongs(&self, delivery: &Delivery) -> bool {
+        let ours = delivery.correlation_id == self.correlation_id;
+        if !ours {
+            tracing::warn!(submission_id = self.id, correlation_id = %delivery.correlation_id,
+                expected = %self.correlation_id, target = %delivery.target, "ignored a message of another flow");
+        }
+        ours
+    }
+
     fn finished(&self) -> bool {
         self.result.is_some() || self.status == "error"
     }
@@ -223,7 +234,9 @@ async fn on_solution_submit(
 ) -> StatusCode {
     s.stats
         .record(&delivery, format!("submission {}", event.submission_id));
-    if let Some(sub) = lock(&s.all).get_mut(&event.submission_id) {
+    if let Some(sub) = lock(&s.all).get_mut(&event.submission_id)
+        && sub.belongs(&delivery)
+    {
         if sub.status == "queued" {
             sub.status = "submitted".into();
         }
@@ -239,7 +252,9 @@ async fn on_solution_update(
 ) -> StatusCode {
     s.stats
         .record(&delivery, format!("submission {}", update.submission_id));
-    if let Some(sub) = lock(&s.all).get_mut(&update.submission_id) {
+    if let Some(sub) = lock(&s.all).get_mut(&update.submission_id)
+        && sub.belongs(&delivery)
+    {
         sub.step(
             "stored",
             format!(
@@ -263,7 +278,10 @@ async fn on_test_run(
         .record(&delivery, format!("submission {}", result.submission_id));
     let email = {
         let mut all = lock(&s.all);
-        let Some(sub) = all.get_mut(&result.submission_id) else {
+        let Some(sub) = all
+            .get_mut(&result.submission_id)
+            .filter(|sub| sub.belongs(&delivery))
+        else {
             return Ok(StatusCode::NO_CONTENT);
         };
         if sub.result.is_none() {
