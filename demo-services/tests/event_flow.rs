@@ -182,4 +182,34 @@ async fn every_consumer_gets_every_event_once_with_its_correlation_id() {
         ) >= 2.0,
         "solution.submit was published through the runner's sidecar"
     );
+
+    // The configs wire the Avro schemas and the publish lists: the runner's sidecar refuses a
+    // malformed solution.submit (422) and an event the runner may not publish (403).
+    let outbound = mesh.instance("runner-service").expect("runner").outbound();
+    let via_runner = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(format!("http://{outbound}")).expect("proxy"))
+        .build()
+        .expect("client");
+    let bad = via_runner
+        .post("http://localhost/v1/events/solution.submit")
+        .json(&serde_json::json!({ "submission_id": "not a number" }))
+        .send()
+        .await
+        .expect("publish");
+    assert_eq!(
+        bad.status(),
+        422,
+        "schemas/solution.submit.avsc is enforced"
+    );
+    let forbidden = via_runner
+        .post("http://localhost/v1/events/test.run")
+        .json(&serde_json::json!({ "submission_id": 1, "lab_id": 1, "passed": 1, "total": 1, "outcome": "passed" }))
+        .send()
+        .await
+        .expect("publish");
+    assert_eq!(
+        forbidden.status(),
+        403,
+        "runner-service may not publish test.run"
+    );
 }
