@@ -13,6 +13,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::admin::{Admin, Readiness};
+use crate::broker::Bridge;
 use crate::config::{self, Config, Tls};
 use crate::metrics::Metrics;
 use crate::proxy::{LocalApi, Shared, server};
@@ -108,13 +109,20 @@ pub async fn run(path: PathBuf, config: Config) -> Result<(), RunError> {
     let inbound = bind("inbound", config.listen.inbound).await?;
     let admin_listener = bind("admin", config.listen.admin).await?;
 
-    let local_api: Option<Arc<dyn LocalApi>> = None;
+    // The broker bridge connects in the background; `/ready` waits for it.
+    let bridge = config
+        .broker
+        .is_some()
+        .then(|| Bridge::start(&config, metrics.clone()));
+    let local_api: Option<Arc<dyn LocalApi>> = bridge.clone().map(|b| b as Arc<dyn LocalApi>);
     let grace = config.shutdown_grace;
     let shared = Shared::new(config, metrics.clone(), tls.clone(), local_api);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let readiness = Arc::new(Readiness {
         listeners_bound: AtomicBool::new(false),
-        broker: None,
+        broker: bridge.clone().map(|b| {
+            Box::new(move || b.ready()) as Box<dyn Fn() -> Result<(), String> + Send + Sync>
+        }),
     });
     let admin = Arc::new(Admin {
         shared: shared.clone(),
@@ -169,9 +177,18 @@ pub async fn run(path: PathBuf, config: Config) -> Result<(), RunError> {
     wait_for_shutdown(shutdown_rx.clone()).await;
     let _ = shutdown_tx.send(true);
     tracing::info!(?grace, "draining");
-    for task in tasks {
-        let _ = task.await;
-    }
+    // Stop consuming while the listeners drain; in-flight deliveries finish within the grace.
+    let bridge_stopped = async {
+        if let Some(bridge) = &bridge {
+            bridge.shutdown().await;
+        }
+    };
+    let listeners_stopped = async {
+        for task in tasks {
+            let _ = task.await;
+        }
+    };
+    tokio::join!(bridge_stopped, listeners_stopped);
     tracing::info!("stopped");
     Ok(())
 }
