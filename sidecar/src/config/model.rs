@@ -413,6 +413,10 @@ impl Config {
         if self.namespace != other.namespace {
             return Some("namespace");
         }
+        // The bridge's connection, topology and consumers are built at start.
+        if serde_json::to_value(&self.broker).ok() != serde_json::to_value(&other.broker).ok() {
+            return Some("broker");
+        }
         None
     }
 }

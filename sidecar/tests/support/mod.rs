@@ -121,9 +121,11 @@ impl Sidecar {
     }
 
     /// Like [`Sidecar::start`], logging at `--log-level debug`.
+    /// Starts with debug logs and waits for `/live` only: such sidecars may never be ready
+    /// (e.g. a broker that is unreachable on purpose).
     pub fn start_debug(yaml: &str) -> Self {
         let sidecar = Self::spawn_logging(yaml, Ports::new(), &[], "debug");
-        sidecar.wait_ready(Duration::from_secs(15));
+        sidecar.wait_status("/live", Duration::from_secs(15));
         sidecar
     }
 
@@ -159,14 +161,19 @@ impl Sidecar {
     }
 
     pub fn wait_ready(&self, within: Duration) {
+        self.wait_status("/ready", within);
+    }
+
+    /// Waits until an admin path answers 200.
+    pub fn wait_status(&self, path: &str, within: Duration) {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
-            if http_get_status(self.ports.admin, "/ready") == Some(200) {
+            if http_get_status(self.ports.admin, path) == Some(200) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("sidecar not ready within {within:?}; log:\n{}", self.logs());
+        panic!("{path} not 200 within {within:?}; log:\n{}", self.logs());
     }
 
     pub fn logs(&self) -> String {
