@@ -60,7 +60,7 @@ async fn upstream_crash_loop_under_load() {
         &pki,
         "flaky-service",
         addr,
-        "policies:\n  default:\n    timeout: 800ms\n    connect_timeout: 200ms\n",
+        "policies:\n  default:\n    timeout: 800ms\n    connect_timeout: 200ms\n    circuit_breaker: { open_for: 200ms, max_open_for: 400ms }\n",
         "",
     );
     let url = format!("{}/ok.txt", pair.caller.outbound_url());

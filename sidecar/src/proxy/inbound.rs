@@ -1,13 +1,19 @@
 //! The inbound listener's request path: calls from other sidecars, already authenticated by
-//! the mTLS handshake, authorized here, and handed to the local app once (no retries: those are
-//! the caller's sidecar's work). The app gets `x-outrider-peer` with the caller's SPIFFE ID.
+//! the mTLS handshake, admitted by the inbound limits (`inbound.rate_limit`,
+//! `inbound.max_concurrent`: a [`LimitLayer`] in front), authorized here, and handed to the local
+//! app once (no retries: those are the caller's sidecar's work). The app gets `x-outrider-peer`
+//! with the caller's SPIFFE ID.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use http::header::HeaderValue;
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
+
+use tower::{Layer, ServiceExt, service_fn};
 
 use super::Shared;
 use super::http::{
@@ -15,7 +21,8 @@ use super::http::{
     ensure_correlation_id, is_grpc, is_upgrade_head, strip_hop_by_hop,
 };
 use super::outbound::{head_too_large, splice};
-use crate::config::AuthzRule;
+use crate::config::{AuthzRule, Config};
+use crate::policy::{LimitLayer, PolicyError};
 use crate::tls::SpiffeId;
 
 /// How long to wait for a connection to the local app.
@@ -59,6 +66,68 @@ pub async fn handle(
     if let Some(too_big) = head_too_large(&req, config.limits.max_header_bytes) {
         return finish(&shared, &peer, started, too_big.into_response(grpc));
     }
+    if shared.inbound_limits.load().is_unlimited() {
+        return serve(shared, peer, started, grpc, config, req).await;
+    }
+    let limits = shared.inbound_limits.load_full();
+    let limited = limited(
+        limits,
+        shared.clone(),
+        peer.clone(),
+        started,
+        grpc,
+        config,
+        req,
+    );
+    match limited.await {
+        Ok(response) => response,
+        Err(error) => {
+            shared.metrics.rate_limited_total.inc();
+            let retry_after = match error {
+                PolicyError::RateLimited { retry_after } => retry_after,
+                _ => Duration::from_secs(1),
+            };
+            let refused = ProxyError::new(ErrorKind::RateLimited, "too many requests")
+                .with_retry_after(retry_after);
+            finish(&shared, &peer, started, refused.into_response(grpc))
+        }
+    }
+}
+
+/// `serve` behind the [`LimitLayer`]. A plain fn returning `impl Future + Send` so the compiler
+/// proves `Send` with concrete lifetimes.
+fn limited(
+    limits: Arc<crate::policy::InboundLimits>,
+    shared: Arc<Shared>,
+    peer: Arc<Peer>,
+    started: Instant,
+    grpc: bool,
+    config: Arc<Config>,
+    req: Request<Incoming>,
+) -> impl Future<Output = Result<Response<Body>, PolicyError>> + Send + 'static {
+    let service = service_fn(move |req: Request<Incoming>| {
+        serve(
+            shared.clone(),
+            peer.clone(),
+            started,
+            grpc,
+            config.clone(),
+            req,
+        )
+        .map(Ok::<Response<Body>, PolicyError>)
+    });
+    LimitLayer::new(limits).layer(service).oneshot(req)
+}
+
+/// Authorizes the request and hands it to the app.
+async fn serve(
+    shared: Arc<Shared>,
+    peer: Arc<Peer>,
+    started: Instant,
+    grpc: bool,
+    config: Arc<Config>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     if !authorized(&config.inbound.authorize, &peer, &req) {
         shared
             .metrics

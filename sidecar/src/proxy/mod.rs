@@ -24,6 +24,7 @@ use crate::balance::Balancer;
 use crate::config::Config;
 use crate::discovery::{Discovery, ServiceTarget};
 use crate::metrics::Metrics;
+use crate::policy::{InboundLimits, ServiceState};
 use crate::tls::MeshTls;
 
 /// A handler for requests addressed to the sidecar itself on the outbound listener (the broker
@@ -35,10 +36,12 @@ pub trait LocalApi: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = ::http::Response<http::Body>> + Send + '_>>;
 }
 
-/// An upstream service: its discovery target and its balancer.
+/// An upstream service: its discovery target, its balancer and its resilience state (circuit
+/// breaker, retry budget), all kept across reloads that leave the target unchanged.
 pub struct Upstream {
     pub target: Arc<ServiceTarget>,
     pub balancer: Arc<Balancer>,
+    pub state: Arc<ServiceState>,
 }
 
 /// Upstreams by service name, then by the namespace the authority named (None: our own).
@@ -53,6 +56,8 @@ pub struct Shared {
     pub local_api: Option<Arc<dyn LocalApi>>,
     /// The connections to the local app (inbound side).
     pub app: EndpointPool,
+    /// `inbound.rate_limit` and `inbound.max_concurrent` state.
+    pub inbound_limits: ArcSwap<InboundLimits>,
     upstreams: RwLock<UpstreamMap>,
 }
 
@@ -66,6 +71,7 @@ impl Shared {
         let discovery = Discovery::new(&config, metrics.clone());
         Arc::new(Self {
             app: EndpointPool::new(config.app, Transport::Plain),
+            inbound_limits: ArcSwap::from_pointee(InboundLimits::new(&config.inbound)),
             config: ArcSwap::from_pointee(config),
             metrics,
             discovery,
@@ -116,14 +122,28 @@ impl Shared {
                 "plain HTTP upstream: no encryption, no identity check"
             );
         }
+        let config = self.config.load();
+        let m = &self.metrics;
+        let state = Arc::new(ServiceState::new(
+            &target.service,
+            config.policies.for_service(&target.service).retry.budget,
+            m.retries_total
+                .with_label_values(&[target.service.as_str()]),
+            m.outlier_ejections_total
+                .with_label_values(&[target.service.as_str()]),
+            m.circuit_state
+                .with_label_values(&[target.service.as_str()]),
+        ));
         let upstream = Arc::new(Upstream {
             balancer: Balancer::new(transport, target.endpoints()),
             target,
+            state,
         });
         let mut upstreams = self.upstreams.write().unwrap_or_else(|p| p.into_inner());
         let by_ns = upstreams.entry(service.to_string()).or_default();
         match by_ns.iter().find(|(ns, _)| ns.as_deref() == namespace) {
-            // Another request created it meanwhile: use that one.
+            // Two first requests may race here: the first upstream stored wins, so one breaker
+            // and one budget exist per service.
             Some((_, existing)) => Some(existing.clone()),
             None => {
                 by_ns.push((namespace.map(str::to_string), upstream.clone()));
@@ -146,6 +166,10 @@ impl Shared {
         }
         upstreams.retain(|_, by_ns| !by_ns.is_empty());
         drop(upstreams);
+        if !self.inbound_limits.load().same_settings(&config.inbound) {
+            self.inbound_limits
+                .store(Arc::new(InboundLimits::new(&config.inbound)));
+        }
         self.config.store(Arc::new(config));
     }
 }

@@ -1,11 +1,19 @@
 //! The outbound listener's request path: the local app's calls to other services.
 //! Route by authority (proxy-form URI, `Host`, h2 `:authority`, or the target of a `CONNECT`
-//! tunnel) → the service's policy (timeout, gRPC deadline) → an endpoint → a pooled connection.
-//! Requests addressed to the sidecar itself go to the local API (the broker bridge).
+//! tunnel) → the request's policy (route, service or default) → the policy stack
+//! (`Timeout → Retry → Breaker`, see [`crate::policy`]) → [`Attempt`]: one endpoint chosen by the
+//! balancer, one send on a pooled connection. Requests addressed to the sidecar itself go to the
+//! local API (the broker bridge).
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tower::{Service, ServiceBuilder, ServiceExt};
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
@@ -17,10 +25,12 @@ use super::http::{
     ensure_correlation_id, grpc_timeout_value, is_grpc, is_upgrade_head, parse_grpc_timeout,
     strip_hop_by_hop,
 };
+use super::pool::SendError;
 use super::route::{is_local, parse_authority};
 use super::{Shared, Upstream, server};
 use crate::balance::NoEndpoint;
-use crate::config::Policy;
+use crate::config::{Policy, RetryBudget};
+use crate::policy::{BreakerLayer, Failure, PolicyError, RetryLayer, TimeoutLayer};
 
 /// How long a request waits for a new service's first endpoint resolution.
 const FIRST_RESOLUTION_WAIT: Duration = Duration::from_secs(2);
@@ -109,45 +119,39 @@ pub async fn handle(
     if grpc && let Some(deadline) = parts.headers.get(GRPC_TIMEOUT).and_then(parse_grpc_timeout) {
         timeout = timeout.min(deadline);
     }
+    let deadline = tokio::time::Instant::now() + timeout;
     let upgrade = is_upgrade_head(parts.version, &parts.headers);
-    let client_upgrade = if upgrade {
-        parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
-    } else {
-        None
-    };
+    if upgrade && let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() {
+        parts
+            .extensions
+            .insert(ClientUpgrade(Arc::new(std::sync::Mutex::new(Some(
+                on_upgrade,
+            )))));
+    }
     strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.headers.remove(OUTRIDER_PEER);
-    if grpc {
-        parts
-            .headers
-            .insert(GRPC_TIMEOUT, grpc_timeout_value(timeout));
-    }
     set_upstream_uri(&mut parts, &authority);
     let upstream_req = Request::from_parts(parts, boxed(body));
 
-    let outcome = tokio::time::timeout(
+    let target = Target {
+        upstream: upstream.clone(),
+        policy: policy.clone(),
+        budget: config.policies.for_service(&service).retry.budget,
+        access_log: config.access_log,
+        deadline,
         timeout,
-        forward(&upstream, &policy, upstream_req, client_upgrade),
-    )
-    .await;
-    let (response, endpoint) = match outcome {
-        Ok(Ok((response, endpoint))) => (response, Some(endpoint)),
-        Ok(Err(error)) => (error.into_response(grpc), None),
-        Err(_) => (
-            ProxyError::new(
-                ErrorKind::Timeout,
-                format!("{service} did not answer within {}ms", timeout.as_millis()),
-            )
-            .into_response(grpc),
-            None,
-        ),
+        grpc,
     };
-    let mut response = response;
+    let mut response = match call_stack(target, upstream_req).await {
+        Ok(response) => response,
+        Err(error) => policy_error(&service, &policy, error).into_response(grpc),
+    };
     response
         .headers_mut()
         .insert(CORRELATION_ID, correlation_id.clone());
     record(&shared, &service, response.status(), started);
     if config.access_log {
+        let endpoint = response.extensions().get::<UpstreamAddr>().map(|a| a.0);
         tracing::info!(
             target: "outrider::access",
             direction = "outbound",
@@ -161,6 +165,94 @@ pub async fn handle(
         );
     }
     response
+}
+
+/// What the policy stack of one request is built for (a typed target, as in linkerd2-proxy).
+struct Target {
+    upstream: Arc<Upstream>,
+    policy: Arc<Policy>,
+    /// The service's retry budget settings (one budget per service).
+    budget: RetryBudget,
+    /// Note the answering endpoint in the response (an extension: an allocation, so only when
+    /// the access log wants it).
+    access_log: bool,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+    grpc: bool,
+}
+
+/// Builds the outbound stack for one request and calls it: `Timeout → Retry → Breaker →
+/// Attempt`. Building it allocates nothing (structs of `Arc`s). A plain fn returning an
+/// `impl Future + Send` (rather than inline in the async handler) so the compiler proves `Send`
+/// with concrete lifetimes.
+fn call_stack(
+    t: Target,
+    req: Request<Body>,
+) -> impl Future<Output = Result<Response<Body>, PolicyError>> + Send + 'static {
+    let state = t.upstream.state.clone();
+    ServiceBuilder::new()
+        .layer(TimeoutLayer::new(t.deadline, t.timeout))
+        .layer(RetryLayer::new(
+            state.clone(),
+            t.policy.clone(),
+            t.budget,
+            t.deadline,
+            t.grpc,
+        ))
+        .layer(BreakerLayer::new(state, t.policy.clone(), t.deadline))
+        .service(Attempt {
+            upstream: t.upstream,
+            policy: t.policy,
+            deadline: t.deadline,
+            timeout: t.timeout,
+            grpc: t.grpc,
+            access_log: t.access_log,
+        })
+        .oneshot(req)
+}
+
+/// The client side of an upgrade (WebSocket), carried to the attempt in the request's
+/// extensions. Upgrades are never retried, so exactly one attempt takes it.
+#[derive(Clone)]
+struct ClientUpgrade(Arc<std::sync::Mutex<Option<hyper::upgrade::OnUpgrade>>>);
+
+/// The endpoint that answered, in the response's extensions (for the access log).
+#[derive(Clone, Copy)]
+struct UpstreamAddr(SocketAddr);
+
+/// Renders a policy-stack error as the sidecar's own response (CONTRACT §4 error table).
+fn policy_error(service: &str, policy: &Policy, error: PolicyError) -> ProxyError {
+    match error {
+        PolicyError::Timeout(after) => ProxyError::new(
+            ErrorKind::Timeout,
+            format!("{service} did not answer within {}ms", after.as_millis()),
+        ),
+        PolicyError::CircuitOpen => {
+            let fallback = &policy.circuit_breaker.fallback;
+            let mut e = ProxyError::new(
+                ErrorKind::CircuitOpen,
+                format!("the circuit to {service} is open"),
+            );
+            e.fallback = Some((
+                StatusCode::from_u16(fallback.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                fallback.content_type.clone(),
+                Bytes::copy_from_slice(fallback.body.as_bytes()),
+            ));
+            e
+        }
+        PolicyError::Upstream { failure, source } => {
+            tracing::debug!(error = %source, ?failure, service, "upstream request failed");
+            ProxyError::new(
+                ErrorKind::Unavailable,
+                format!("{service} is unavailable: {source}"),
+            )
+        }
+        PolicyError::RateLimited { retry_after } => {
+            ProxyError::new(ErrorKind::RateLimited, "too many requests")
+                .with_retry_after(retry_after)
+        }
+        PolicyError::BadRequest(message) => ProxyError::new(ErrorKind::BadRequest, message),
+    }
 }
 
 /// HTTP/2 keeps the service's authority in `:authority`; HTTP/1.1 sends origin form with `Host`.
@@ -192,68 +284,133 @@ fn set_upstream_uri(parts: &mut http::request::Parts, authority: &str) {
     }
 }
 
-/// Sends the request to one endpoint of the upstream.
-async fn forward(
-    upstream: &Upstream,
-    policy: &Policy,
-    req: Request<Body>,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-) -> Result<(Response<Body>, SocketAddr), ProxyError> {
-    let balancer = &upstream.balancer;
-    let in_flight = match balancer.pick() {
-        Ok(p) => p,
-        Err(NoEndpoint::Pending) => {
-            balancer.ready(FIRST_RESOLUTION_WAIT).await;
-            balancer.pick().map_err(no_endpoint)?
-        }
-        Err(e) => return Err(no_endpoint(e)),
-    };
-    let endpoint = in_flight.endpoint.clone();
-    let result = if client_upgrade.is_some() {
-        endpoint
-            .pool
-            .send_upgrade(req, policy.connect_timeout)
-            .await
-    } else {
-        endpoint.pool.send(req, policy.connect_timeout).await
-    };
-    match result {
-        Ok(mut response) => {
-            in_flight.finish(response.status().as_u16() < 500, &policy.outlier);
-            if response.status() == StatusCode::SWITCHING_PROTOCOLS
-                && let Some(client) = client_upgrade
-            {
-                let upstream_upgrade = hyper::upgrade::on(&mut response);
-                tokio::spawn(splice(client, upstream_upgrade));
-                let (mut parts, _) = response.into_parts();
-                strip_hop_by_hop(&mut parts.headers, true);
-                return Ok((Response::from_parts(parts, empty()), endpoint.addr));
+/// One attempt: an endpoint chosen by the balancer, one send within the deadline. Reports the
+/// outcome to the endpoint's outlier detection and latency estimate. The innermost service of
+/// the outbound stack.
+#[derive(Clone)]
+pub struct Attempt {
+    upstream: Arc<Upstream>,
+    policy: Arc<Policy>,
+    deadline: tokio::time::Instant,
+    /// The request's time budget (for the error message).
+    timeout: Duration,
+    grpc: bool,
+    access_log: bool,
+}
+
+impl Service<Request<Body>> for Attempt {
+    type Response = Response<Body>;
+    type Error = PolicyError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, PolicyError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), PolicyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        Box::pin(self.clone().send(req))
+    }
+}
+
+impl Attempt {
+    async fn send(self, mut req: Request<Body>) -> Result<Response<Body>, PolicyError> {
+        let balancer = &self.upstream.balancer;
+        let in_flight = match balancer.pick() {
+            Ok(p) => p,
+            Err(NoEndpoint::Pending) => {
+                balancer.ready(FIRST_RESOLUTION_WAIT).await;
+                balancer.pick().map_err(no_endpoint)?
             }
-            let (mut parts, body) = response.into_parts();
-            strip_hop_by_hop(&mut parts.headers, false);
-            Ok((Response::from_parts(parts, boxed(body)), endpoint.addr))
+            Err(e) => return Err(no_endpoint(e)),
+        };
+        let endpoint = in_flight.endpoint.clone();
+        if self.grpc {
+            let left = self
+                .deadline
+                .saturating_duration_since(tokio::time::Instant::now());
+            req.headers_mut()
+                .insert(GRPC_TIMEOUT, grpc_timeout_value(left));
         }
-        Err(error) if error.client_body_failed() => {
-            // Not the endpoint's fault: no outlier penalty.
-            in_flight.finish(true, &policy.outlier);
-            Err(ProxyError::new(
-                ErrorKind::BadRequest,
-                "the request body was malformed or cut short",
-            ))
-        }
-        Err(error) => {
-            in_flight.finish(false, &policy.outlier);
-            tracing::debug!(%error, service = %upstream.target.service, "upstream request failed");
-            Err(ProxyError::new(
-                ErrorKind::Unavailable,
-                format!("{} is unavailable: {error}", upstream.target.service),
-            ))
+        let client_upgrade = req
+            .extensions_mut()
+            .remove::<ClientUpgrade>()
+            .and_then(|u| u.0.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let connect_timeout = self.policy.connect_timeout;
+        let sent = if client_upgrade.is_some() {
+            tokio::time::timeout_at(
+                self.deadline,
+                endpoint.pool.send_upgrade(req, connect_timeout),
+            )
+            .await
+        } else {
+            tokio::time::timeout_at(self.deadline, endpoint.pool.send(req, connect_timeout)).await
+        };
+        let state = &self.upstream.state;
+        let outlier = &self.policy.outlier;
+        match sent {
+            Ok(Ok(mut response)) => {
+                let ok = !crate::policy::is_failure(&response);
+                if in_flight.finish(ok, outlier) {
+                    state.ejections.inc();
+                }
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS
+                    && let Some(client) = client_upgrade
+                {
+                    let upstream_upgrade = hyper::upgrade::on(&mut response);
+                    tokio::spawn(splice(client, upstream_upgrade));
+                    let (mut parts, _) = response.into_parts();
+                    strip_hop_by_hop(&mut parts.headers, true);
+                    return Ok(Response::from_parts(parts, empty()));
+                }
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers, false);
+                if self.access_log {
+                    parts.extensions.insert(UpstreamAddr(endpoint.addr));
+                }
+                Ok(Response::from_parts(parts, boxed(body)))
+            }
+            Ok(Err(error)) if error.client_body_failed() => {
+                // Not the endpoint's fault: no outlier penalty.
+                in_flight.finish(true, outlier);
+                Err(PolicyError::BadRequest(
+                    "the request body was malformed or cut short".into(),
+                ))
+            }
+            Ok(Err(error)) => {
+                if in_flight.finish(false, outlier) {
+                    state.ejections.inc();
+                }
+                Err(PolicyError::upstream(failure_of(&error), error))
+            }
+            Err(_) => {
+                if in_flight.finish(false, outlier) {
+                    state.ejections.inc();
+                }
+                Err(PolicyError::Timeout(self.timeout))
+            }
         }
     }
 }
 
-fn no_endpoint(e: NoEndpoint) -> ProxyError {
-    ProxyError::new(ErrorKind::Unavailable, e.to_string())
+/// Classifies a send error: connect errors and refused HTTP/2 streams never reached the app.
+fn failure_of(error: &SendError) -> Failure {
+    if error.never_sent() {
+        return Failure::Connect;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>()
+            && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+        {
+            return Failure::Refused;
+        }
+        source = e.source();
+    }
+    Failure::Exchange
+}
+
+fn no_endpoint(e: NoEndpoint) -> PolicyError {
+    PolicyError::upstream(Failure::NoEndpoint, e.to_string())
 }
 
 /// Copies bytes both ways between an upgraded client and upstream connection.

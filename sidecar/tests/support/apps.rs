@@ -1,10 +1,13 @@
-//! Small real apps for tests: an axum HTTP app (h1 and h2c, WebSocket) and a tonic gRPC echo.
+//! Small real apps for tests: an axum HTTP app (h1 and h2c, WebSocket) with a controllable fault
+//! backend (`/seq/{key}` answers a scripted sequence of statuses, `Retry-After`s and delays;
+//! `/lag` answers after the app's configurable lag), and tonic gRPC echoes (one that fails its
+//! first calls on purpose).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -24,18 +27,82 @@ pub struct App {
     pub addr: SocketAddr,
     /// Requests the app has seen.
     pub hits: Arc<AtomicUsize>,
+    pub faults: Arc<Faults>,
 }
 
 impl App {
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
     }
+
+    /// Scripts the answers of `/seq/{key}`: one step per request, then 200 once used up.
+    pub fn script(&self, key: &str, steps: &[Step]) {
+        self.faults
+            .scripts
+            .lock()
+            .expect("lock")
+            .insert(key.to_string(), steps.iter().cloned().collect());
+    }
+
+    /// When `/seq/{key}` was hit.
+    pub fn seq_hits(&self, key: &str) -> Vec<Instant> {
+        self.faults
+            .seen
+            .lock()
+            .expect("lock")
+            .get(key)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Makes `/lag` answer after this long.
+    pub fn set_lag(&self, lag: Duration) {
+        self.faults
+            .lag_ms
+            .store(lag.as_millis() as u64, Ordering::SeqCst);
+    }
+}
+
+/// One scripted answer of `/seq/{key}`.
+#[derive(Debug, Clone, Default)]
+pub struct Step {
+    pub status: u16,
+    pub retry_after: Option<String>,
+    pub delay: Duration,
+}
+
+impl Step {
+    pub fn status(status: u16) -> Self {
+        Self {
+            status,
+            ..Default::default()
+        }
+    }
+
+    pub fn retry_after(mut self, value: &str) -> Self {
+        self.retry_after = Some(value.to_string());
+        self
+    }
+
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+}
+
+/// The fault backend's state.
+#[derive(Default)]
+pub struct Faults {
+    scripts: Mutex<HashMap<String, VecDeque<Step>>>,
+    seen: Mutex<HashMap<String, Vec<Instant>>>,
+    lag_ms: AtomicU64,
 }
 
 #[derive(Clone)]
 struct AppState {
     hits: Arc<AtomicUsize>,
     name: &'static str,
+    faults: Arc<Faults>,
 }
 
 /// Starts the HTTP app on 127.0.0.1 (any port). `name` is returned by `/hello`.
@@ -45,9 +112,11 @@ pub async fn http_app(name: &'static str) -> App {
 
 pub async fn http_app_on(addr: SocketAddr, name: &'static str) -> App {
     let hits = Arc::new(AtomicUsize::new(0));
+    let faults = Arc::new(Faults::default());
     let state = AppState {
         hits: hits.clone(),
         name,
+        faults: faults.clone(),
     };
     let router = Router::new()
         .route("/hello", get(hello))
@@ -58,6 +127,8 @@ pub async fn http_app_on(addr: SocketAddr, name: &'static str) -> App {
         .route("/status/{code}", any(status))
         .route("/bytes/{n}", get(bytes))
         .route("/ws", get(ws))
+        .route("/seq/{key}", any(seq))
+        .route("/lag", any(lag))
         .layer(axum::middleware::from_fn_with_state(state.clone(), count))
         .with_state(state);
     let listener = tokio::net::TcpListener::bind(addr).await.expect("bind app");
@@ -65,7 +136,45 @@ pub async fn http_app_on(addr: SocketAddr, name: &'static str) -> App {
     tokio::spawn(async move {
         let _ = axum::serve(listener, router).await;
     });
-    App { addr, hits }
+    App { addr, hits, faults }
+}
+
+async fn seq(State(state): State<AppState>, Path(key): Path<String>) -> Response {
+    state
+        .faults
+        .seen
+        .lock()
+        .expect("lock")
+        .entry(key.clone())
+        .or_default()
+        .push(Instant::now());
+    let step = state
+        .faults
+        .scripts
+        .lock()
+        .expect("lock")
+        .get_mut(&key)
+        .and_then(VecDeque::pop_front)
+        .unwrap_or_else(|| Step::status(200));
+    if !step.delay.is_zero() {
+        tokio::time::sleep(step.delay).await;
+    }
+    let code = StatusCode::from_u16(step.status).unwrap_or(StatusCode::BAD_REQUEST);
+    let mut response = (code, format!("seq {key}: {}", step.status)).into_response();
+    if let Some(after) = step.retry_after
+        && let Ok(value) = after.parse()
+    {
+        response.headers_mut().insert("retry-after", value);
+    }
+    response
+}
+
+async fn lag(State(state): State<AppState>) -> String {
+    let ms = state.faults.lag_ms.load(Ordering::SeqCst);
+    if ms > 0 {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    state.name.to_string()
 }
 
 async fn count(
@@ -220,4 +329,62 @@ pub async fn grpc_app() -> SocketAddr {
             .await;
     });
     addr
+}
+
+/// A gRPC echo that fails its first `fail_first` unary calls with `code`, then answers.
+pub struct FlakyEcho {
+    pub calls: Arc<AtomicUsize>,
+    fail_first: usize,
+    code: tonic::Code,
+}
+
+#[tonic::async_trait]
+impl Echo for FlakyEcho {
+    async fn unary(
+        &self,
+        request: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<EchoReply>, tonic::Status> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        if n < self.fail_first {
+            return Err(tonic::Status::new(self.code, "flaky on purpose"));
+        }
+        Ok(tonic::Response::new(EchoReply {
+            message: request.into_inner().message,
+            index: n as u32,
+            peer: String::new(),
+        }))
+    }
+
+    type ServerStreamStream = <EchoService as Echo>::ServerStreamStream;
+
+    async fn server_stream(
+        &self,
+        request: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<Self::ServerStreamStream>, tonic::Status> {
+        EchoService.server_stream(request).await
+    }
+}
+
+/// Starts a [`FlakyEcho`]; returns its address and its call counter.
+pub async fn flaky_grpc_app(
+    fail_first: usize,
+    code: tonic::Code,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let service = FlakyEcho {
+        calls: calls.clone(),
+        fail_first,
+        code,
+    };
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(EchoServer::new(service))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await;
+    });
+    (addr, calls)
 }

@@ -11,6 +11,12 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_outrider");
 
+/// The `outrider` binary the sidecars run: `OUTRIDER_BIN` when set (a private copy, for runs
+/// that share a target directory with other checkouts), else the one cargo built.
+pub fn bin() -> String {
+    std::env::var("OUTRIDER_BIN").unwrap_or_else(|_| BIN.to_string())
+}
+
 /// Installs the ring provider once; reqwest and rustls need a process default.
 pub fn init() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -140,7 +146,7 @@ impl Sidecar {
         std::fs::write(&config, format!("{}{}", ports.yaml(), yaml)).expect("write config");
         let log = dir.path().join("outrider.log");
         let log_file = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         cmd.args(["run", "-c"])
             .arg(&config)
             .args(["--log-format", "json", "--log-level", level])

@@ -1,1 +1,0 @@
-//! Policy layers (issue 4).
