@@ -347,6 +347,36 @@ pub fn restore_orig_proto(parts: &mut http::request::Parts) {
     }
 }
 
+/// Turns an upstream's (or the app's) response into the client's: hop-by-hop headers removed;
+/// a `101 Switching Protocols` answer to an upgrade request splices the two connections.
+pub fn relay_response(
+    mut response: Response<hyper::body::Incoming>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<Body> {
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client) = client_upgrade
+    {
+        let upstream = hyper::upgrade::on(&mut response);
+        tokio::spawn(splice(client, upstream));
+        let (mut parts, _) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers, true);
+        return Response::from_parts(parts, empty());
+    }
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    Response::from_parts(parts, boxed(body))
+}
+
+/// Copies bytes both ways between an upgraded client connection and the upstream's.
+async fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (Ok(client), Ok(upstream)) = tokio::join!(client, upstream) else {
+        return;
+    };
+    let mut client = hyper_util::rt::TokioIo::new(client);
+    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,17 +10,17 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use http::header::HeaderValue;
-use http::{Request, Response, StatusCode, Uri};
+use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 
 use tower::{Layer, ServiceExt, service_fn};
 
 use super::Shared;
 use super::http::{
-    Body, CORRELATION_ID, ErrorKind, OUTRIDER_PEER, ProxyError, boxed, empty,
-    ensure_correlation_id, is_grpc, is_upgrade_head, restore_orig_proto, strip_hop_by_hop,
+    Body, CORRELATION_ID, ErrorKind, OUTRIDER_PEER, ProxyError, boxed, ensure_correlation_id,
+    is_grpc, is_upgrade_head, relay_response, restore_orig_proto, strip_hop_by_hop,
 };
-use super::outbound::{head_too_large, splice};
+use super::outbound::head_too_large;
 use crate::config::{AuthzRule, Config};
 use crate::policy::{LimitLayer, PolicyError};
 use crate::tls::SpiffeId;
@@ -178,21 +178,7 @@ async fn serve(
         shared.app.send(app_req, APP_CONNECT_TIMEOUT).await
     };
     let mut response = match result {
-        Ok(mut response) => {
-            if response.status() == StatusCode::SWITCHING_PROTOCOLS
-                && let Some(client) = client_upgrade
-            {
-                let app_upgrade = hyper::upgrade::on(&mut response);
-                tokio::spawn(splice(client, app_upgrade));
-                let (mut parts, _) = response.into_parts();
-                strip_hop_by_hop(&mut parts.headers, true);
-                Response::from_parts(parts, empty())
-            } else {
-                let (mut parts, body) = response.into_parts();
-                strip_hop_by_hop(&mut parts.headers, false);
-                Response::from_parts(parts, boxed(body))
-            }
-        }
+        Ok(response) => relay_response(response, client_upgrade),
         Err(error) if error.client_body_failed() => ProxyError::new(
             ErrorKind::BadRequest,
             "the request body was malformed or cut short",

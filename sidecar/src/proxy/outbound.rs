@@ -18,12 +18,11 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 
 use super::http::{
     Body, CORRELATION_ID, ErrorKind, GRPC_TIMEOUT, ORIG_PROTO, OUTRIDER_PEER, ProxyError, boxed,
     empty, ensure_correlation_id, grpc_timeout_value, is_grpc, is_upgrade_head, parse_grpc_timeout,
-    strip_hop_by_hop, upgrade_to_h2,
+    relay_response, strip_hop_by_hop, upgrade_to_h2,
 };
 use super::pool::SendError;
 use super::route::{is_local, parse_authority};
@@ -352,26 +351,18 @@ impl Attempt {
         let state = &self.upstream.state;
         let outlier = &self.policy.outlier;
         match sent {
-            Ok(Ok(mut response)) => {
+            Ok(Ok(response)) => {
                 let ok = !crate::policy::is_failure(&response);
                 if in_flight.finish(ok, outlier) {
                     state.ejections.inc();
                 }
-                if response.status() == StatusCode::SWITCHING_PROTOCOLS
-                    && let Some(client) = client_upgrade
-                {
-                    let upstream_upgrade = hyper::upgrade::on(&mut response);
-                    tokio::spawn(splice(client, upstream_upgrade));
-                    let (mut parts, _) = response.into_parts();
-                    strip_hop_by_hop(&mut parts.headers, true);
-                    return Ok(Response::from_parts(parts, empty()));
-                }
-                let (mut parts, body) = response.into_parts();
-                strip_hop_by_hop(&mut parts.headers, false);
+                let mut response = relay_response(response, client_upgrade);
                 if self.access_log {
-                    parts.extensions.insert(UpstreamAddr(endpoint.addr));
+                    response
+                        .extensions_mut()
+                        .insert(UpstreamAddr(endpoint.addr));
                 }
-                Ok(Response::from_parts(parts, boxed(body)))
+                Ok(response)
             }
             Ok(Err(error)) if error.client_body_failed() => {
                 // Not the endpoint's fault: no outlier penalty.
@@ -415,16 +406,6 @@ fn failure_of(error: &SendError) -> Failure {
 
 fn no_endpoint(e: NoEndpoint) -> PolicyError {
     PolicyError::upstream(Failure::NoEndpoint, e.to_string())
-}
-
-/// Copies bytes both ways between an upgraded client and upstream connection.
-pub async fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    let (Ok(client), Ok(upstream)) = tokio::join!(client, upstream) else {
-        return;
-    };
-    let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
 }
 
 /// `CONNECT service:port`: answer 200, then serve HTTP inside the tunnel as if it had arrived on
