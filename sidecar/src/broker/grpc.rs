@@ -89,45 +89,52 @@ fn content_type(ct: String) -> Option<String> {
     Some(ct).filter(|c| !c.is_empty())
 }
 
-#[tonic::async_trait]
-impl Broker for GrpcApi {
-    async fn publish(
+impl GrpcApi {
+    /// Publish and Enqueue differ only in their target: the same confirmed publish serves both.
+    async fn send<T>(
         &self,
-        request: Request<PublishRequest>,
+        request: Request<T>,
+        correlation_field: String,
+        into_parts: impl FnOnce(T) -> (Target, Vec<u8>, String),
     ) -> Result<Response<PublishReply>, Status> {
-        let correlation = correlation_id(&request, request.get_ref().correlation_id.clone());
+        let correlation = correlation_id(&request, correlation_field);
         let traceparent = metadata(&request, "traceparent");
-        let msg = request.into_inner();
+        let (target, payload, content) = into_parts(request.into_inner());
         reply(
             publish::publish(
                 &self.shared,
-                Target::Event(msg.event),
-                msg.payload.into(),
-                content_type(msg.content_type),
+                target,
+                payload.into(),
+                content_type(content),
                 correlation,
                 traceparent,
             )
             .await,
         )
     }
+}
+
+#[tonic::async_trait]
+impl Broker for GrpcApi {
+    async fn publish(
+        &self,
+        request: Request<PublishRequest>,
+    ) -> Result<Response<PublishReply>, Status> {
+        let correlation = request.get_ref().correlation_id.clone();
+        self.send(request, correlation, |m| {
+            (Target::Event(m.event), m.payload, m.content_type)
+        })
+        .await
+    }
 
     async fn enqueue(
         &self,
         request: Request<EnqueueRequest>,
     ) -> Result<Response<PublishReply>, Status> {
-        let correlation = correlation_id(&request, request.get_ref().correlation_id.clone());
-        let traceparent = metadata(&request, "traceparent");
-        let msg = request.into_inner();
-        reply(
-            publish::publish(
-                &self.shared,
-                Target::Queue(msg.queue),
-                msg.payload.into(),
-                content_type(msg.content_type),
-                correlation,
-                traceparent,
-            )
-            .await,
-        )
+        let correlation = request.get_ref().correlation_id.clone();
+        self.send(request, correlation, |m| {
+            (Target::Queue(m.queue), m.payload, m.content_type)
+        })
+        .await
     }
 }
