@@ -55,14 +55,7 @@ pub fn run_cli(path: &Path) -> ExitCode {
     for warning in &loaded.warnings {
         tracing::warn!("{}", warning.render(&file));
     }
-    let workers = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-    {
+    let runtime = match build_runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("outrider: cannot start the runtime: {e}");
@@ -76,6 +69,33 @@ pub fn run_cli(path: &Path) -> ExitCode {
             eprintln!("outrider: {e}");
             e.exit_code()
         }
+    }
+}
+
+/// A runtime sized to the cores this process may use (its CPU affinity, e.g. a pod's cpuset or
+/// `taskset`). On one core, a current-thread runtime: every task, timer and socket is driven by
+/// the one thread, so waking a task never crosses threads (a multi-thread runtime with one
+/// worker still wakes its driver through an eventfd write, once per request; measured with
+/// `PROFILE_RATE=2000 bench/profile.sh`). `OUTRIDER_WORKER_THREADS` overrides the count.
+fn build_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let workers = std::env::var("OUTRIDER_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        });
+    if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
     }
 }
 

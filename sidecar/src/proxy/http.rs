@@ -223,14 +223,49 @@ pub fn is_upgrade_head(version: http::Version, headers: &HeaderMap) -> bool {
             })
 }
 
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The hop-by-hop headers of RFC 9110 §7.6.1 (and the legacy `Keep-Alive`/`Proxy-Connection`),
+/// by bit: `CONNECTION_BIT`, `UPGRADE_BIT` and `TE_BIT` get special handling.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    header::UPGRADE,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+];
+const CONNECTION_BIT: u8 = 1 << 0;
+const UPGRADE_BIT: u8 = 1 << 1;
+const TE_BIT: u8 = 1 << 2;
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), keeping `Upgrade`/`Connection: upgrade` for
-/// upgrade requests and `TE: trailers` (gRPC needs it).
+/// upgrade requests and `TE: trailers` (gRPC needs it). Runs twice per proxied exchange: one
+/// scan of the names finds which are present (standard names compare as enum values), and only
+/// those are looked up and removed.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    if let Some(connection) = headers.get(header::CONNECTION).cloned()
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 && !keep_upgrade {
+        return;
+    }
+    if present & CONNECTION_BIT != 0
+        && let Some(connection) = headers.get(header::CONNECTION).cloned()
         && let Ok(listed) = connection.to_str()
     {
         for name in listed.split(',').map(str::trim) {
-            if keep_upgrade && name.eq_ignore_ascii_case("upgrade") {
+            if (keep_upgrade && name.eq_ignore_ascii_case("upgrade"))
+                || name.eq_ignore_ascii_case("keep-alive")
+                || name.eq_ignore_ascii_case("close")
+            {
+                // `keep-alive` goes with the fixed list; `close` is an option, not a header.
                 continue;
             }
             if let Ok(name) = HeaderName::from_bytes(name.as_bytes())
@@ -240,22 +275,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             }
         }
     }
-    for name in [
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "transfer-encoding",
-    ] {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate().skip(3) {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
-    if !keep_upgrade {
-        headers.remove(header::CONNECTION);
-        headers.remove(header::UPGRADE);
-    } else {
+    if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        if present & CONNECTION_BIT != 0 {
+            headers.remove(header::CONNECTION);
+        }
+        if present & UPGRADE_BIT != 0 {
+            headers.remove(header::UPGRADE);
+        }
     }
-    if let Some(te) = headers.get(header::TE)
+    if present & TE_BIT != 0
+        && let Some(te) = headers.get(header::TE)
         && !te.to_str().is_ok_and(|v| {
             v.split(',')
                 .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
@@ -273,8 +309,14 @@ pub fn ensure_correlation_id(headers: &mut HeaderMap) -> HeaderValue {
     {
         return id.clone();
     }
-    let id = HeaderValue::try_from(uuid::Uuid::new_v4().to_string())
-        .unwrap_or(HeaderValue::from_static("invalid"));
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let id = HeaderValue::from_bytes(
+        uuid::Uuid::new_v4()
+            .hyphenated()
+            .encode_lower(&mut text)
+            .as_bytes(),
+    )
+    .unwrap_or(HeaderValue::from_static("invalid"));
     headers.insert(CORRELATION_ID, id.clone());
     id
 }
@@ -307,9 +349,28 @@ pub fn grpc_timeout_value(remaining: Duration) -> HeaderValue {
     HeaderValue::try_from(format!("{millis}m")).unwrap_or(HeaderValue::from_static("1m"))
 }
 
-/// Between sidecars every request rides HTTP/2 (one multiplexed connection per endpoint, no
-/// handshake per concurrent request); an HTTP/1.x request is marked with its version so the
-/// other side hands it to the app as it arrived. Upgrades keep HTTP/1.1.
+/// Carries an HTTP/1.x request (origin form, `Host`) over HTTP/2 to another sidecar: see
+/// [`upgrade_to_h2`]; the URI gets `http` and the `Host` as its authority.
+pub fn h1_to_h2(req: Request<Body>) -> Request<Body> {
+    let (mut parts, body) = req.into_parts();
+    let authority = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok());
+    upgrade_to_h2(&mut parts);
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(http::uri::Scheme::HTTP);
+    uri.authority = authority;
+    uri.path_and_query = parts.uri.path_and_query().cloned();
+    if let Ok(built) = http::Uri::from_parts(uri) {
+        parts.uri = built;
+    }
+    Request::from_parts(parts, body)
+}
+
+/// When an HTTP/1.x request rides HTTP/2 between sidecars (the pooled HTTP/1.1 connections to
+/// that endpoint are all busy), it is marked with its version so the other side hands it to
+/// the app as it arrived. Upgrades always keep HTTP/1.1.
 pub fn upgrade_to_h2(parts: &mut http::request::Parts) {
     let orig = match parts.version {
         http::Version::HTTP_11 => "HTTP/1.1",
@@ -409,5 +470,42 @@ mod tests {
         assert!(!h.contains_key(header::CONNECTION));
         assert!(h.contains_key(header::TE));
         assert!(h.contains_key("x-bar"));
+
+        // Every fixed hop-by-hop name goes; TE without `trailers` too; end-to-end ones stay.
+        let mut h = HeaderMap::new();
+        for name in [
+            "upgrade",
+            "transfer-encoding",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "keep-alive",
+            "proxy-connection",
+        ] {
+            h.insert(name, HeaderValue::from_static("x"));
+        }
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key(header::CONTENT_TYPE));
+
+        // An upgrade keeps `Upgrade` and says `Connection: upgrade`, nothing else it listed.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Upgrade, x-foo"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-foo", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
+        assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
+        assert!(!h.contains_key("x-foo"));
+
+        // Nothing hop-by-hop: nothing changes.
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("backend"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
     }
 }

@@ -16,13 +16,14 @@ use bytes::Bytes;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 use http::header::{self, HeaderValue};
+use http::uri::{self, Authority, PathAndQuery};
 use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 
 use super::http::{
     Body, CORRELATION_ID, ErrorKind, GRPC_TIMEOUT, ORIG_PROTO, OUTRIDER_PEER, ProxyError, boxed,
     empty, ensure_correlation_id, grpc_timeout_value, is_grpc, is_upgrade_head, parse_grpc_timeout,
-    relay_response, strip_hop_by_hop, upgrade_to_h2,
+    relay_response, strip_hop_by_hop,
 };
 use super::pool::SendError;
 use super::route::{is_local, parse_authority};
@@ -51,17 +52,16 @@ pub async fn handle(
     if let Some(too_big) = head_too_large(&req, config.limits.max_header_bytes) {
         return too_big.into_response(grpc);
     }
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .or_else(|| tunnel.as_deref().map(str::to_owned));
+    // An `Authority` is a shared byte string: taking the URI's is a reference-count increment,
+    // and the upstream URI below reuses it.
+    let authority = match req.uri().authority() {
+        Some(a) => Some(a.clone()),
+        None => req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+            .or_else(|| tunnel.as_deref().and_then(|t| Authority::try_from(t).ok())),
+    };
     let Some(authority) = authority else {
         return ProxyError::new(
             ErrorKind::BadRequest,
@@ -69,7 +69,7 @@ pub async fn handle(
         )
         .into_response(grpc);
     };
-    if is_local(&authority, listener) {
+    if is_local(authority.as_str(), listener) {
         return match &shared.local_api {
             Some(api) => api.handle(req).await,
             None => ProxyError::new(
@@ -79,7 +79,7 @@ pub async fn handle(
             .into_response(grpc),
         };
     }
-    let Some(name) = parse_authority(&authority) else {
+    let Some(name) = parse_authority(authority.as_str()) else {
         return finish_error(
             &shared,
             "unknown",
@@ -130,9 +130,6 @@ pub async fn handle(
     strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.headers.remove(OUTRIDER_PEER);
     parts.headers.remove(ORIG_PROTO);
-    if !upgrade && upstream.balancer.is_mesh() {
-        upgrade_to_h2(&mut parts);
-    }
     set_upstream_uri(&mut parts, &authority);
     let upstream_req = Request::from_parts(parts, boxed(body));
 
@@ -259,31 +256,25 @@ fn policy_error(service: &str, policy: &Policy, error: PolicyError) -> ProxyErro
 }
 
 /// HTTP/2 keeps the service's authority in `:authority`; HTTP/1.1 sends origin form with `Host`.
-fn set_upstream_uri(parts: &mut http::request::Parts, authority: &str) {
+/// Built from the parts already parsed (shared bytes: no copy, no parse).
+fn set_upstream_uri(parts: &mut http::request::Parts, authority: &Authority) {
     let path_and_query = parts
         .uri
         .path_and_query()
-        .map(|pq| pq.as_str())
-        .unwrap_or("/")
-        .to_owned();
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut uri = uri::Parts::default();
+    uri.path_and_query = Some(path_and_query);
     if parts.version == http::Version::HTTP_2 {
-        if let Ok(uri) = Uri::builder()
-            .scheme("http")
-            .authority(authority)
-            .path_and_query(path_and_query)
-            .build()
-        {
-            parts.uri = uri;
-        }
-    } else {
-        if let Ok(uri) = path_and_query.parse::<Uri>() {
-            parts.uri = uri;
-        }
-        if !parts.headers.contains_key(header::HOST)
-            && let Ok(host) = HeaderValue::from_str(authority)
-        {
-            parts.headers.insert(header::HOST, host);
-        }
+        uri.scheme = Some(uri::Scheme::HTTP);
+        uri.authority = Some(authority.clone());
+    } else if !parts.headers.contains_key(header::HOST)
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        parts.headers.insert(header::HOST, host);
+    }
+    if let Ok(built) = Uri::from_parts(uri) {
+        parts.uri = built;
     }
 }
 
@@ -440,9 +431,17 @@ fn connect(shared: Arc<Shared>, listener: SocketAddr, req: Request<Incoming>) ->
     Response::new(empty())
 }
 
+/// The length of a URI as written (without formatting it: this runs on every request).
+fn uri_len(uri: &Uri) -> usize {
+    let scheme = uri.scheme_str().map_or(0, |s| s.len() + 3);
+    let authority = uri.authority().map_or(0, |a| a.as_str().len());
+    let path = uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+    scheme + authority + path
+}
+
 /// The size of a request head as it would be on the wire (request line and headers).
 fn head_size<B>(req: &Request<B>) -> u64 {
-    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    let line = req.method().as_str().len() + uri_len(req.uri()) + 12;
     let headers: usize = req
         .headers()
         .iter()

@@ -37,7 +37,7 @@ pub fn parse_authority(authority: &str) -> Option<ServiceName<'_>> {
     }
     let host = host_of(authority);
     let host = host.strip_suffix('.').unwrap_or(host);
-    if host.is_empty() || host.parse::<std::net::IpAddr>().is_ok() {
+    if host.is_empty() || (may_be_ip(host) && host.parse::<std::net::IpAddr>().is_ok()) {
         return None;
     }
     let mut labels = host.split('.');
@@ -76,16 +76,32 @@ fn is_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
+/// A cheap pre-check before parsing an IP (a service name never passes it): IPv4 literals start
+/// with a digit, IPv6 ones (brackets already removed) contain `:`.
+fn may_be_ip(host: &str) -> bool {
+    host.as_bytes().first().is_some_and(u8::is_ascii_digit) || host.contains(':')
+}
+
 /// True when the authority addresses the sidecar itself (its local API).
 pub fn is_local(authority: &str, listener: SocketAddr) -> bool {
     let host = host_of(authority);
     if matches!(host, "localhost" | "127.0.0.1" | "::1") {
         return true;
     }
-    authority == listener.to_string()
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip == listener.ip() && !ip.is_unspecified())
+    // Only an IP literal can name the listener (no formatting of the listener's address: this
+    // runs on every request). An unspecified listener IP must be named with its port.
+    if !may_be_ip(host) {
+        return false;
+    }
+    let Ok(ip) = host.parse::<std::net::IpAddr>() else {
+        return false;
+    };
+    ip == listener.ip()
+        && (!ip.is_unspecified()
+            || authority
+                .rsplit_once(':')
+                .and_then(|(_, port)| port.parse::<u16>().ok())
+                == Some(listener.port()))
 }
 
 #[cfg(test)]
@@ -155,5 +171,10 @@ mod tests {
         assert!(is_local("127.0.0.5:7140", listener));
         assert!(is_local("[::1]:7140", listener));
         assert!(!is_local("user-service", listener));
+        assert!(!is_local("127.0.0.6:7140", listener));
+        let any: SocketAddr = "0.0.0.0:7140".parse().unwrap();
+        assert!(is_local("0.0.0.0:7140", any));
+        assert!(!is_local("0.0.0.0:80", any));
+        assert!(!is_local("0.0.0.0", any));
     }
 }

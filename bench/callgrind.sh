@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Instructions per proxied request in each sidecar of a pair (issue 9), counted by valgrind's
+# callgrind: a count, not a time, so it is repeatable on a busy or virtual machine where
+# wall-clock figures are not. Use it to compare two builds; use bench/pair.sh for real speed.
+#
+#   bench/callgrind.sh [REQUESTS=4000] [CONNECTIONS=16]
+#   env: CARGO_TARGET_DIR, BENCH_PORT_BASE (default 21400), CALLGRIND_OUT (default
+#        bench/results/callgrind), OUTRIDER_BIN (a binary to measure instead of building one),
+#        OUTRIDER_WORKER_THREADS (default 1: the one-core runtime that bench/pair.sh measures)
+#
+# Both sidecars run under callgrind (profiling build: release with symbols), the nginx backend
+# natively. After a warm-up the counters are zeroed, REQUESTS requests are sent at a fixed rate
+# (bench/loadgen), and the counters dumped: instructions per request, then the top functions
+# (inclusive and self) of each side.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+REQUESTS="${1:-4000}"
+CONNS="${2:-16}"
+RATE=400
+OUT="${CALLGRIND_OUT:-$ROOT/bench/results/callgrind}"
+BASE="${BENCH_PORT_BASE:-21400}"
+P_NGINX=$BASE P_WEB_OUT=$((BASE + 1)) P_WEB_IN=$((BASE + 2)) P_WEB_ADMIN=$((BASE + 3))
+P_BE_OUT=$((BASE + 4)) P_BE_IN=$((BASE + 5)) P_BE_ADMIN=$((BASE + 6))
+
+for tool in valgrind callgrind_control callgrind_annotate nginx curl; do
+    command -v "$tool" >/dev/null || {
+        echo "callgrind.sh: $tool missing (apt-get install valgrind nginx curl)" >&2
+        exit 1
+    }
+done
+(cd "$ROOT" && cargo build --profile profiling -q -p outrider -p loadgen)
+OUTRIDER="${OUTRIDER_BIN:-$TARGET_DIR/profiling/outrider}"
+LOADGEN="$TARGET_DIR/profiling/loadgen"
+mkdir -p "$OUT"
+rm -f "$OUT"/callgrind.out.*
+WORK="$(mktemp -d /tmp/outrider-callgrind.XXXXXX)"
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+mkdir -p "$WORK/tmp"
+cat >"$WORK/nginx.conf" <<EOF
+daemon off;
+master_process off;
+worker_processes 1;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx.err warn;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    keepalive_requests 10000000;
+    client_body_temp_path $WORK/tmp/body;
+    proxy_temp_path $WORK/tmp/proxy;
+    fastcgi_temp_path $WORK/tmp/fastcgi;
+    uwsgi_temp_path $WORK/tmp/uwsgi;
+    scgi_temp_path $WORK/tmp/scgi;
+    server { listen 127.0.0.1:$P_NGINX; location = / { return 200 "ok"; } }
+}
+EOF
+nginx -e "$WORK/nginx.err" -c "$WORK/nginx.conf" &
+PIDS+=($!)
+"$OUTRIDER" certs ca --out "$WORK/ca" >/dev/null
+for svc in web backend; do
+    "$OUTRIDER" certs issue --ca "$WORK/ca" --service "$svc" --out "$WORK/certs" >/dev/null
+done
+sidecar_yaml() { # service app out in admin
+    cat <<EOF
+service: $1
+app: $2
+listen: { outbound: 127.0.0.1:$3, inbound: 127.0.0.1:$4, admin: 127.0.0.1:$5 }
+tls: { ca: $WORK/ca/ca.pem, cert: $WORK/certs/$1.pem, key: $WORK/certs/$1-key.pem }
+discovery:
+  services:
+    backend: { endpoints: ["127.0.0.1:$P_BE_IN"] }
+EOF
+}
+sidecar_yaml web 127.0.0.1:9 "$P_WEB_OUT" "$P_WEB_IN" "$P_WEB_ADMIN" >"$WORK/web.yaml"
+sidecar_yaml backend "127.0.0.1:$P_NGINX" "$P_BE_OUT" "$P_BE_IN" "$P_BE_ADMIN" >"$WORK/backend.yaml"
+for side in web backend; do
+    OUTRIDER_WORKER_THREADS="${OUTRIDER_WORKER_THREADS:-1}" valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out.$side" \
+        "$OUTRIDER" run -c "$WORK/$side.yaml" --log-level warn >"$WORK/$side.log" 2>&1 &
+    PIDS+=($!)
+    eval "PID_${side}=$!"
+done
+for _ in $(seq 1 600); do
+    curl -sf -o /dev/null --max-time 2 -H "Host: backend" "http://127.0.0.1:$P_WEB_OUT/" && break
+    sleep 0.2
+done
+load() { # requests
+    "$LOADGEN" run --url "http://127.0.0.1:$P_WEB_OUT/" --host backend \
+        --duration $(($1 / RATE)) --warmup 0 --rate "$RATE" -c "$CONNS" 2>&1 >/dev/null | grep '^loadgen' || true
+}
+load $((RATE * 2)) >/dev/null
+# shellcheck disable=SC2154
+for pid in "$PID_web" "$PID_backend"; do callgrind_control -z "$pid" >/dev/null; done
+load "$REQUESTS"
+for pid in "$PID_web" "$PID_backend"; do callgrind_control -d "$pid" >/dev/null; done
+sleep 1
+# Function lines of callgrind_annotate, without the frames that hold everything (thread starts,
+# the runtime's loop: 50% and more), paths shortened.
+functions() { # dump limit [annotate options]
+    local dump="$1" limit="$2"
+    shift 2
+    callgrind_annotate --threshold=100 "$@" "$dump" 2>/dev/null | python3 -c '
+import re, sys
+limit = int(sys.argv[1])
+on, n = False, 0
+for line in sys.stdin:
+    if "file:function" in line:
+        on = True
+        continue
+    m = re.match(r"\s*([\d,]+) \(\s*([\d.]+)%\)\s+(.*)", line)
+    if not on or not m or float(m.group(2)) >= 50:
+        continue
+    name = re.sub(r"/root/.cargo/registry/src/[^/]+/|/rustc/[0-9a-f]+/library/", "", m.group(3))
+    print(f"{m.group(1):>14} {float(m.group(2)):5.2f}%  {name[:200]}")
+    n += 1
+    if n >= limit:
+        sys.stdin.read()  # drain: an early exit would fail the pipeline (pipefail)
+        break
+' "$limit"
+}
+for side in web backend; do
+    dump="$OUT/callgrind.out.$side.1"
+    total="$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}')"
+    echo "== $side: $total instructions over $REQUESTS requests: $((total / REQUESTS)) per request"
+    functions "$dump" 60 >"$OUT/$side.self.txt"
+    functions "$dump" 150 --inclusive=yes >"$OUT/$side.inclusive.txt"
+    head -25 "$OUT/$side.self.txt"
+done
+echo "full reports: $OUT/{web,backend}.{inclusive,self}.txt; callgrind_annotate $OUT/callgrind.out.*"
