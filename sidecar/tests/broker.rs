@@ -1386,8 +1386,8 @@ async fn connection_closed_repeatedly_during_10000_messages_loses_nothing() {
     let (ns, _cleanup) = unique();
     const N: usize = 10_000;
     const CLIENTS: usize = 16;
-    /// Publishes per second at most: the stream lasts ~15 s, long enough for several closes.
-    const RATE: u64 = 700;
+    /// Publishes per second at most: the stream lasts ~25 s, long enough for several closes.
+    const RATE: u64 = 400;
     // Every 100th message fails its first delivery, so some are on their way through a holding
     // queue (a confirmed republish, then the ack) when the connection goes.
     let script: Script = Arc::new(|seen| {
@@ -1424,16 +1424,25 @@ async fn connection_closed_repeatedly_during_10000_messages_loses_nothing() {
     wait_http_ready(admin, Duration::from_secs(15)).await;
 
     let confirmed: Arc<Mutex<HashSet<String>>> = Arc::default();
+    // Closes done so far. A close takes two `rabbitmqctl` runs (about 2 s on a busy machine), so
+    // the stream is also gated on them: message i waits for close number i * 5 / N, which
+    // guarantees at least four closes in the middle of the stream however slow rabbitmqctl is.
+    // (Normally the closes are ahead and the gate never waits.)
+    let closes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     let mut publishers = Vec::new();
     for k in 0..CLIENTS {
         let confirmed = confirmed.clone();
+        let closes = closes.clone();
         publishers.push(tokio::spawn(async move {
             let c = client();
             let mut refused = 0usize;
             for i in (k..N).step_by(CLIENTS) {
                 let due = started + Duration::from_micros(i as u64 * 1_000_000 / RATE);
                 tokio::time::sleep_until(due.into()).await;
+                while closes.load(std::sync::atomic::Ordering::Relaxed) < i * 5 / N {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 let id = format!("m-{i}");
                 loop {
                     let resp = c
@@ -1464,7 +1473,6 @@ async fn connection_closed_repeatedly_during_10000_messages_loses_nothing() {
     // Close the sidecar's connection from the broker side, again and again, each time once the
     // bridge is back and has had a moment of traffic, until the stream is over.
     let needle = format!("outrider {ns}/svc");
-    let mut closes = 0usize;
     let mut slowest_reconnect = Duration::ZERO;
     let mut closed_at = Vec::new();
     while !publishers.iter().all(|p| p.is_finished()) {
@@ -1483,8 +1491,8 @@ async fn connection_closed_repeatedly_during_10000_messages_loses_nothing() {
             "one connection per sidecar, {closed} named {needle}"
         );
         if closed == 1 {
-            closes += 1;
             closed_at.push(confirmed.lock().expect("set").len());
+            closes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // The bridge notices at once (connection.close from the broker), answers 503
             // meanwhile, and is back after its first reconnect delay (100 ms) plus the handshake
             // and the re-declaration.
@@ -1498,6 +1506,7 @@ async fn connection_closed_repeatedly_during_10000_messages_loses_nothing() {
     }
     let published_in = started.elapsed();
     assert_eq!(confirmed.lock().expect("set").len(), N);
+    let closes = closed_at.len();
     let mid_stream = closed_at.iter().filter(|n| **n < N).count();
     assert!(
         mid_stream >= 4,
