@@ -23,6 +23,9 @@ service: idle
 app: 127.0.0.1:9
 listen: { outbound: 127.0.0.1:47140, inbound: 127.0.0.1:47143, admin: 127.0.0.1:47191 }
 tls: { mode: disabled }
+# An idle keep-alive connection waits for its next request head, so header_read_timeout (10s by
+# default) closes it; raised here so all N stay open while they are counted.
+limits: { header_read_timeout: ${IDLE_HEADER_TIMEOUT:-10m} }
 YAML
 "$bin" run -c "$work/idle.yaml" --log-format json >"$work/log" 2>&1 &
 pid=$!

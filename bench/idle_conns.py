@@ -43,8 +43,11 @@ def still_open(socks):
 base, base_fds = rss_kib(), fds()
 started = time.monotonic()
 socks = []
+slowest = 0.0
 for _ in range(n):
+    t = time.monotonic()
     s = socket.create_connection(("127.0.0.1", port))
+    slowest = max(slowest, time.monotonic() - t)
     s.sendall(b"GET /nothing HTTP/1.1\r\nHost: localhost\r\n\r\n")
     socks.append(s)
 opened = time.monotonic() - started
@@ -56,7 +59,8 @@ after, after_fds = rss_kib(), fds()
 alive = still_open(socks)
 per_1000 = (after - base) * 1000 / n / 1024
 print(
-    f"idle keep-alive connections: {n} (opened in {opened:.1f} s, {alive} still open); "
+    f"idle keep-alive connections: {n} (opened in {opened:.1f} s, slowest connect "
+    f"{slowest * 1000:.0f} ms; {alive} still open); "
     f"RSS {base} KiB -> {after} KiB; {per_1000:.1f} MiB per 1,000; fds {base_fds} -> {after_fds}"
 )
 if hold > 0:
