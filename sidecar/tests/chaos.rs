@@ -1,6 +1,12 @@
 //! Chaos runs with bounded time (issue 10): an upstream that crashes and restarts in a loop
 //! under load. No request may hang past its timeout, every failure must be a sidecar-made
 //! error, and the success rate must recover once the upstream stays up.
+//!
+//! The other chaos runs live next to the helpers they need: the broker closing the sidecar's
+//! connection again and again under a 10,000-message stream in `broker.rs`
+//! (`connection_closed_repeatedly_during_10000_messages_loses_nothing`), the DNS server stopped
+//! and restarted under load in `discovery.rs` (`dns_server_stopped_and_restarted_under_load`).
+//! `docs/reliability.md` lists them all with their results.
 
 mod support;
 

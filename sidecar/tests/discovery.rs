@@ -108,6 +108,29 @@ impl DnsServer {
         self.parked = None;
     }
 
+    /// Serves again on the same port after [`DnsServer::stop`], with the records it had (and any
+    /// changed meanwhile). The old sockets close as the aborted task is dropped: rebinding is
+    /// retried for a moment.
+    async fn restart(&mut self) {
+        self.stop();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Ok(tcp) = TcpListener::bind(self.addr).await
+                && let Ok(udp) = UdpSocket::bind(self.addr).await
+            {
+                self.parked = Some((udp, tcp));
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "cannot bind {} again",
+                self.addr
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.serve();
+    }
+
     /// Replaces every record of `owner` and type `rtype` with `rdatas`, at TTL `ttl`.
     async fn set(&self, owner: &str, rtype: RecordType, ttl: u32, rdatas: Vec<RData>) {
         let owner = name(owner);
@@ -817,5 +840,240 @@ discovery:
     assert!(
         metrics.contains("outrider_endpoints{service=\"web\"} 1"),
         "{metrics}"
+    );
+}
+
+/// One request of the DNS chaos load: when it ended, its status (0: no answer) and body (for a
+/// sidecar-made error: `error kind <x-outrider-error>`).
+#[derive(Debug, Clone)]
+struct Outcome {
+    at: tokio::time::Instant,
+    status: u16,
+    body: String,
+}
+
+/// Chaos run (issue 10): the DNS server stopped and restarted while a sidecar (`outrider run`, in
+/// process) proxies steady load from 4 clients to a DNS-discovered service (TTL 1 s,
+/// `stale_for: 4s`).
+///
+/// 1. An outage shorter than `stale_for`: every request still succeeds, from the last known
+///    endpoints (`/endpoints` says `stale`). The record changes while the server is down; after
+///    the restart the change is picked up and traffic moves, still without a failed request.
+/// 2. An outage longer than `stale_for`: requests keep succeeding until `stale_for` has passed
+///    since the outage began, then fail with the sidecar's own 503 `unavailable` (never a hang or
+///    a cut connection); after the restart the service resolves again and every request succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn dns_server_stopped_and_restarted_under_load() {
+    let mut dns = DnsServer::start().await;
+    let port = free_port();
+    let _a = backend([127, 0, 0, 10], port, "a").await;
+    let _b = backend([127, 0, 0, 11], port, "b").await;
+    dns.set_a("web.mesh.test.", 1, &[[127, 0, 0, 10]]).await;
+    let stale_for = 4 * SECOND;
+
+    let (outbound, inbound, admin) = (free_port(), free_port(), free_port());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("outrider.yaml");
+    let yaml = format!(
+        "service: tester
+namespace: demo
+app: 127.0.0.1:9
+listen: {{ outbound: 127.0.0.1:{outbound}, inbound: 127.0.0.1:{inbound}, admin: 127.0.0.1:{admin} }}
+tls: {{ mode: disabled }}
+discovery:
+  resolver: {{ nameservers: [\"{dns}\"], min_ttl: 1s, max_ttl: 2s, stale_for: 4s, timeout: 500ms }}
+  services:
+    web: {{ dns: \"web.mesh.test:{port}\" }}
+",
+        dns = dns.addr
+    );
+    std::fs::write(&path, yaml).expect("write config");
+    let loaded = config::load_file(&path, Vec::new()).expect("valid config");
+    let _sidecar = Sidecar(tokio::spawn(async move {
+        if let Err(e) = outrider::runtime::run(path, loaded.config).await {
+            panic!("sidecar failed: {e:?}");
+        }
+    }));
+    let client: Client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
+    let out_addr = SocketAddr::from(([127, 0, 0, 1], outbound));
+    let mut up = false;
+    for _ in 0..100 {
+        if get(&client, admin_addr, "localhost", "/ready").await.0 == 200 {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "sidecar did not become ready");
+    let state = |client: Client| async move {
+        let (_, body) = get(&client, admin_addr, "localhost", "/endpoints").await;
+        let json: serde_json::Value = serde_json::from_str(&body).expect("json");
+        json["services"]
+            .as_array()
+            .and_then(|s| s.iter().find(|v| v["service"] == "web"))
+            .map(|v| v["state"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+
+    // The load: 4 clients, one request every 10 ms each, every outcome recorded.
+    let outcomes: Arc<std::sync::Mutex<Vec<Outcome>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (client, outcomes, stop) = (client.clone(), outcomes.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let req = http::Request::get(format!("http://{out_addr}/"))
+                    .header(http::header::HOST, "web")
+                    .body(http_body_util::Empty::new())
+                    .expect("valid request");
+                let answer = tokio::time::timeout(5 * SECOND, client.request(req)).await;
+                let (status, body) = match answer {
+                    Ok(Ok(resp)) => {
+                        let status = resp.status().as_u16();
+                        let kind = resp
+                            .headers()
+                            .get("x-outrider-error")
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string);
+                        let body = http_body_util::BodyExt::collect(resp.into_body())
+                            .await
+                            .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                            .unwrap_or_else(|e| format!("body error: {e}"));
+                        (status, kind.map_or(body, |k| format!("error kind {k}")))
+                    }
+                    Ok(Err(e)) => (0, format!("client error: {e}")),
+                    Err(_) => (0, "no answer within 5 s".to_string()),
+                };
+                outcomes.lock().expect("outcomes").push(Outcome {
+                    at: tokio::time::Instant::now(),
+                    status,
+                    body,
+                });
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }));
+    }
+    let snapshot = || outcomes.lock().expect("outcomes").clone();
+    let since = |t: tokio::time::Instant| -> Vec<Outcome> {
+        snapshot().into_iter().filter(|o| o.at >= t).collect()
+    };
+
+    // Phase 1: an outage within stale_for, the record changed meanwhile.
+    tokio::time::sleep(SECOND).await;
+    dns.stop();
+    let stopped = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        state(client.clone()).await,
+        "stale",
+        "lookups failed meanwhile"
+    );
+    dns.set_a("web.mesh.test.", 1, &[[127, 0, 0, 11]]).await;
+    dns.restart().await;
+    let restarted = tokio::time::Instant::now();
+    let mut moved = None;
+    while restarted.elapsed() < 8 * SECOND {
+        if let Some(o) = since(restarted).iter().find(|o| o.body == "b") {
+            moved = Some(o.at - restarted);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let moved = moved.expect("the changed record was picked up within 8 s of the restart");
+    tokio::time::sleep(SECOND).await;
+    let phase1 = snapshot();
+    let during_outage = phase1
+        .iter()
+        .filter(|o| o.at >= stopped && o.at < restarted);
+    let failed: Vec<&Outcome> = phase1.iter().filter(|o| o.status != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "failed requests in phase 1: {} e.g. {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    let outage_requests = during_outage.count();
+    assert!(
+        outage_requests > 50,
+        "load ran during the outage: {outage_requests}"
+    );
+    let tail: Vec<&Outcome> = phase1.iter().rev().take(20).collect();
+    assert!(tail.iter().all(|o| o.body == "b"), "stays moved: {tail:?}");
+    assert_eq!(state(client.clone()).await, "ready");
+
+    // Phase 2: an outage longer than stale_for.
+    dns.stop();
+    let stopped2 = tokio::time::Instant::now();
+    let mut first_failure = None;
+    while stopped2.elapsed() < stale_for + 6 * SECOND {
+        if let Some(o) = since(stopped2).iter().find(|o| o.status != 200) {
+            first_failure = Some(o.clone());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first_failure = first_failure.expect("the stale endpoints expired after stale_for");
+    // stale_for counts from the first failed lookup, which is after the stop.
+    let expired_after = first_failure.at - stopped2;
+    assert!(
+        expired_after >= stale_for,
+        "a request failed {expired_after:?} into the outage, before stale_for ({stale_for:?})"
+    );
+    tokio::time::sleep(SECOND).await;
+    assert_eq!(state(client.clone()).await, "unavailable");
+    dns.restart().await;
+    let restarted2 = tokio::time::Instant::now();
+    let mut recovered = None;
+    while restarted2.elapsed() < 8 * SECOND {
+        let after = since(restarted2);
+        // Recovered: the latest 20 requests all succeeded.
+        if after.len() >= 20 && after.iter().rev().take(20).all(|o| o.status == 200) {
+            // From the restart to the first success after the last failure.
+            let first_good = match after.iter().rposition(|o| o.status != 200) {
+                Some(i) => i + 1,
+                None => 0,
+            };
+            recovered = after.get(first_good).map(|o| o.at - restarted2);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let recovered = recovered.expect("requests succeed again within 8 s of the restart");
+    tokio::time::sleep(SECOND).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.expect("worker");
+    }
+    let all = snapshot();
+    let phase2_failed: Vec<&Outcome> = all
+        .iter()
+        .filter(|o| o.at >= stopped2 && o.status != 200)
+        .collect();
+    // Every failure is the sidecar's own answer: 503 unavailable, never a hang or a dropped
+    // connection, and none after the recovery.
+    assert!(
+        phase2_failed
+            .iter()
+            .all(|o| o.status == 503 && o.body == "error kind unavailable"),
+        "{:?}",
+        &phase2_failed[..phase2_failed.len().min(5)]
+    );
+    let late: Vec<&&Outcome> = phase2_failed
+        .iter()
+        .filter(|o| o.at >= restarted2 + recovered + Duration::from_millis(1))
+        .collect();
+    assert!(late.is_empty(), "failures after recovery: {late:?}");
+    assert_eq!(state(client.clone()).await, "ready");
+    eprintln!(
+        "DNS chaos: {} requests; outage 1 (2.5 s < stale_for 4 s): {outage_requests} requests \
+         during it, 0 failed, changed record picked up {moved:?} after the restart; outage 2: \
+         first failure (503 unavailable) {expired_after:?} after the stop, {} failed in all, \
+         recovered {recovered:?} after the restart",
+        all.len(),
+        phase2_failed.len()
     );
 }
