@@ -827,3 +827,84 @@ async fn environment_overrides_apply_at_run() {
         .expect("request");
     assert_eq!(r.text().await.expect("body"), "hello from users");
 }
+
+/// `OUTRIDER_MESH_H1_CONNECTIONS=2`: HTTP/1.1 requests between the sidecars use at most two
+/// pooled HTTP/1.1 connections; the rest ride the one HTTP/2 connection and still reach the app
+/// as HTTP/1.1, with their bodies, in any mix.
+#[tokio::test(flavor = "multi_thread")]
+async fn pooled_http1_between_sidecars_overflows_to_http2() {
+    let pki = Pki::new();
+    let app = apps::http_app("users").await;
+    let callee_ports = Ports::new();
+    let _callee = Sidecar::start_with(
+        &format!(
+            "service: user-service\napp: {}\n{}",
+            app.addr,
+            pki.tls_yaml("user-service")
+        ),
+        callee_ports,
+        &[],
+    );
+    let caller = Sidecar::start_with(
+        &format!(
+            "service: web\napp: 127.0.0.1:9\n{}discovery:\n  services:\n    user-service: {{ endpoints: [\"{}\"] }}\n",
+            pki.tls_yaml("web"),
+            callee_ports.inbound
+        ),
+        Ports::new(),
+        &[("OUTRIDER_MESH_H1_CONNECTIONS", "2")],
+    );
+    let out = caller.outbound_url();
+    let client = client();
+    let mut calls = Vec::new();
+    for i in 0..24 {
+        let client = client.clone();
+        let out = out.clone();
+        calls.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                let r = client
+                    .get(format!("{out}/slow/400"))
+                    .header("host", "user-service")
+                    .send()
+                    .await
+                    .expect("slow request");
+                assert_eq!(r.status(), 200);
+                assert_eq!(r.text().await.expect("body"), "slow");
+            } else {
+                let body = format!("payload {i}");
+                let r = client
+                    .post(format!("{out}/echo"))
+                    .header("host", "user-service")
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .expect("echo request");
+                assert_eq!(r.status(), 200);
+                let seen: serde_json::Value = r.json().await.expect("json");
+                assert_eq!(seen["version"], "HTTP/1.1", "{seen}");
+                assert_eq!(seen["body_len"], body.len(), "{seen}");
+                assert!(seen["headers"].get("x-outrider-orig-proto").is_none());
+            }
+        }));
+    }
+    // While the slow requests hold the pooled connections: two HTTP/1.1 connections and one
+    // HTTP/2 connection from the caller to the callee's inbound port.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let connections = established_to(callee_ports.inbound.port());
+    for call in calls {
+        call.await.expect("call");
+    }
+    assert_eq!(connections, 3, "2 pooled HTTP/1.1 + 1 HTTP/2 connection");
+}
+
+/// Established TCP connections to `port` on loopback (the client ends, counted once).
+fn established_to(port: u16) -> usize {
+    let out = std::process::Command::new("ss")
+        .args(["-Htn", "state", "established", &format!("dport = :{port}")])
+        .output()
+        .expect("ss");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
+}

@@ -188,12 +188,28 @@ pub async fn dial(
 /// Most idle HTTP/1.1 connections kept per endpoint.
 const MAX_H1_CONNECTIONS: usize = 512;
 
-/// HTTP/1.1 connections to another sidecar, at most, per endpoint; requests beyond them ride
-/// the one multiplexed HTTP/2 connection. HTTP/1.1 costs about a third fewer instructions per
-/// request on both sidecars than HTTP/2 (no HPACK, no stream state, no task per stream:
-/// `bench/callgrind.sh`), while the cap bounds the mTLS handshakes a burst of concurrent
-/// requests can cause (at 1,024 connections, one handshake each used to time out).
-const MESH_H1_CONNECTIONS: usize = 64;
+/// HTTP/1.1 connections to another sidecar, at most, per endpoint; HTTP/1.x requests beyond
+/// them ride the one multiplexed HTTP/2 connection (marked with their version). The default,
+/// 0, sends every request over HTTP/2. Measured both ways (docs/performance.md): HTTP/1.1
+/// between sidecars takes about a third fewer user-space instructions per request on both
+/// sidecars (no HPACK, no stream state, no task per stream: `bench/callgrind.sh`), but each
+/// request then costs its own read and write system calls on that leg, where HTTP/2 batches
+/// many streams per call; on the VMs measured, system calls cost more than the instructions
+/// saved and HTTP/2 moved 10–15 % more requests per CPU second. The cap also bounds the mTLS
+/// handshakes a burst of concurrent requests can cause.
+const MESH_H1_CONNECTIONS: usize = 0;
+
+/// `MESH_H1_CONNECTIONS`, or `OUTRIDER_MESH_H1_CONNECTIONS` when set, read once: a tuning
+/// knob for machines where system calls are cheap (bare metal); `bench/pair.sh` measures it.
+fn mesh_h1_connections() -> usize {
+    static CAP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CAP.get_or_init(|| {
+        std::env::var("OUTRIDER_MESH_H1_CONNECTIONS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(MESH_H1_CONNECTIONS)
+    })
+}
 
 /// Counts a dial in progress for as long as it lives (a request whose deadline passes drops
 /// its dial half-way).
@@ -239,7 +255,7 @@ impl EndpointPool {
 
     /// Sends a request over HTTP/1.1 (pooled) or HTTP/2 (multiplexed), as `req.version()` says.
     /// To another sidecar, an HTTP/1.x request that finds no free pooled connection once the
-    /// pool holds `MESH_H1_CONNECTIONS` rides HTTP/2 instead (marked with its version, see
+    /// pool holds [`mesh_h1_connections`] rides HTTP/2 instead (marked with its version, see
     /// [`h1_to_h2`]).
     pub async fn send(
         &self,
@@ -259,7 +275,7 @@ impl EndpointPool {
         connect_timeout: Duration,
     ) -> Result<Response<Incoming>, SendError> {
         let cap = match self.transport {
-            Transport::Mesh { .. } => MESH_H1_CONNECTIONS,
+            Transport::Mesh { .. } => mesh_h1_connections(),
             Transport::Plain => usize::MAX,
         };
         // A pooled connection may have been closed by the peer just now: then hyper hands the
