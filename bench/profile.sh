@@ -19,8 +19,6 @@ SECS="${1:-10}"
 CONNS="${2:-64}"
 OUT="${PROFILE_OUT:-$ROOT/bench/results/profile}"
 BASE="${BENCH_PORT_BASE:-21300}"
-P_NGINX=$BASE P_WEB_OUT=$((BASE + 1)) P_WEB_IN=$((BASE + 2)) P_WEB_ADMIN=$((BASE + 3))
-P_BE_OUT=$((BASE + 4)) P_BE_IN=$((BASE + 5)) P_BE_ADMIN=$((BASE + 6))
 
 for tool in perf wrk nginx curl; do
     command -v "$tool" >/dev/null || {
@@ -33,53 +31,10 @@ OUTRIDER="$TARGET_DIR/profiling/outrider"
 LOADGEN="$TARGET_DIR/profiling/loadgen"
 RATE="${PROFILE_RATE:-}"
 mkdir -p "$OUT"
-WORK="$(mktemp -d /tmp/outrider-profile.XXXXXX)"
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-mkdir -p "$WORK/tmp"
-cat >"$WORK/nginx.conf" <<EOF
-daemon off;
-master_process off;
-worker_processes 1;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx.err warn;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    keepalive_requests 10000000;
-    client_body_temp_path $WORK/tmp/body;
-    proxy_temp_path $WORK/tmp/proxy;
-    fastcgi_temp_path $WORK/tmp/fastcgi;
-    uwsgi_temp_path $WORK/tmp/uwsgi;
-    scgi_temp_path $WORK/tmp/scgi;
-    server { listen 127.0.0.1:$P_NGINX; location = / { return 200 "ok"; } }
-}
-EOF
-taskset -c 0 nginx -e "$WORK/nginx.err" -c "$WORK/nginx.conf" &
-PIDS+=($!)
-"$OUTRIDER" certs ca --out "$WORK/ca" >/dev/null
-for svc in web backend; do
-    "$OUTRIDER" certs issue --ca "$WORK/ca" --service "$svc" --out "$WORK/certs" >/dev/null
-done
-sidecar_yaml() { # service app out in admin
-    cat <<EOF
-service: $1
-app: $2
-listen: { outbound: 127.0.0.1:$3, inbound: 127.0.0.1:$4, admin: 127.0.0.1:$5 }
-tls: { ca: $WORK/ca/ca.pem, cert: $WORK/certs/$1.pem, key: $WORK/certs/$1-key.pem }
-discovery:
-  services:
-    backend: { endpoints: ["127.0.0.1:$P_BE_IN"] }
-EOF
-}
-sidecar_yaml web 127.0.0.1:9 "$P_WEB_OUT" "$P_WEB_IN" "$P_WEB_ADMIN" >"$WORK/web.yaml"
-sidecar_yaml backend "127.0.0.1:$P_NGINX" "$P_BE_OUT" "$P_BE_IN" "$P_BE_ADMIN" >"$WORK/backend.yaml"
+NAME=profile
+NGINX_PREFIX=(taskset -c 0)
+# shellcheck source=bench/pair-setup.sh
+source "$ROOT/bench/pair-setup.sh"
 taskset -c 0 "$OUTRIDER" run -c "$WORK/web.yaml" --log-level warn &
 WEB=$!
 PIDS+=($WEB)

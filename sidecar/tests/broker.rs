@@ -1155,36 +1155,9 @@ async fn sidecar_killed_and_restarted_mid_stream_loses_nothing() {
     const N: usize = 2000;
     // Every 10th message fails its first attempt, so some wait in a retry holding queue when
     // the sidecar dies; the rest succeed at once.
-    let script: Script = Arc::new(|seen| {
-        let i: usize = seen
-            .header("x-correlation-id")
-            .trim_start_matches("m-")
-            .parse()
-            .unwrap_or(1);
-        if i.is_multiple_of(10) && seen.header("x-delivery-attempt") == "1" {
-            500
-        } else {
-            200
-        }
-    });
+    let script = fail_first_attempt_of_every(10);
     let app = App::start_slow(script, Duration::from_millis(2)).await;
-    let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let outbound: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("outrider.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "service: svc\nnamespace: {ns}\napp: {app}\ntls: {{ mode: disabled }}\n\
-             listen: {{ outbound: {outbound}, inbound: 127.0.0.1:{inb}, admin: {admin} }}\n\
-             shutdown_grace: 1s\n\
-             broker:\n  url: {AMQP}\n  exchange: {ns}.x\n  publishes: [e]\n  subscriptions:\n\
-             \x20   - {{ event: e, deliver: /events/e, prefetch: 32, max_attempts: 5, retry_backoff: {{ base: 300ms, max: 1s }} }}\n",
-            app = app.addr,
-            inb = free_port(),
-        ),
-    )
-    .expect("write config");
+    let (_dir, path, admin, outbound) = process_config(&ns, app.addr, "300ms");
     // The sidecar runs as its own process (this test binary in sidecar mode, see
     // `sidecar_process`), so it can be SIGKILLed.
     let spawn = || spawn_sidecar(&path);
@@ -1390,36 +1363,9 @@ async fn connection_closed_repeatedly_during_10000_messages_loses_nothing() {
     const RATE: u64 = 400;
     // Every 100th message fails its first delivery, so some are on their way through a holding
     // queue (a confirmed republish, then the ack) when the connection goes.
-    let script: Script = Arc::new(|seen| {
-        let i: usize = seen
-            .header("x-correlation-id")
-            .trim_start_matches("m-")
-            .parse()
-            .unwrap_or(1);
-        if i.is_multiple_of(100) && seen.header("x-delivery-attempt") == "1" {
-            500
-        } else {
-            200
-        }
-    });
+    let script = fail_first_attempt_of_every(100);
     let app = App::start_slow(script, Duration::from_millis(2)).await;
-    let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let outbound: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("outrider.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "service: svc\nnamespace: {ns}\napp: {app}\ntls: {{ mode: disabled }}\n\
-             listen: {{ outbound: {outbound}, inbound: 127.0.0.1:{inb}, admin: {admin} }}\n\
-             shutdown_grace: 1s\n\
-             broker:\n  url: {AMQP}\n  exchange: {ns}.x\n  publishes: [e]\n  subscriptions:\n\
-             \x20   - {{ event: e, deliver: /events/e, prefetch: 32, max_attempts: 5, retry_backoff: {{ base: 200ms, max: 1s }} }}\n",
-            app = app.addr,
-            inb = free_port(),
-        ),
-    )
-    .expect("write config");
+    let (_dir, path, admin, outbound) = process_config(&ns, app.addr, "200ms");
     let mut sidecar = spawn_sidecar(&path);
     wait_http_ready(admin, Duration::from_secs(15)).await;
 
@@ -1630,4 +1576,53 @@ async fn quorum_queues_retry_and_dead_letter() {
         .collect();
     assert_eq!(attempts, ["1", "2"]);
     bridge.shutdown().await;
+}
+
+/// A script for the subscriber app: the first delivery attempt of every `n`th message (by its
+/// `m-<i>` correlation id) fails with 500, everything else gets 200.
+fn fail_first_attempt_of_every(n: usize) -> Script {
+    Arc::new(move |seen: &Seen| {
+        let i: usize = seen
+            .header("x-correlation-id")
+            .trim_start_matches("m-")
+            .parse()
+            .unwrap_or(1);
+        if i.is_multiple_of(n) && seen.header("x-delivery-attempt") == "1" {
+            500
+        } else {
+            200
+        }
+    })
+}
+
+/// The config of a sidecar run as its own process (see `sidecar_process`): publishes and
+/// subscribes to event `e` of namespace `ns`, delivering to `app`. Returns the temp dir (keep
+/// it alive), the config path, and the admin and outbound addresses.
+fn process_config(
+    ns: &str,
+    app: SocketAddr,
+    backoff_base: &str,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    SocketAddr,
+    SocketAddr,
+) {
+    let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let outbound: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("outrider.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "service: svc\nnamespace: {ns}\napp: {app}\ntls: {{ mode: disabled }}\n\
+             listen: {{ outbound: {outbound}, inbound: 127.0.0.1:{inb}, admin: {admin} }}\n\
+             shutdown_grace: 1s\n\
+             broker:\n  url: {AMQP}\n  exchange: {ns}.x\n  publishes: [e]\n  subscriptions:\n\
+             \x20   - {{ event: e, deliver: /events/e, prefetch: 32, max_attempts: 5, retry_backoff: {{ base: {backoff_base}, max: 1s }} }}\n",
+            inb = free_port(),
+        ),
+    )
+    .expect("write config");
+    (dir, path, admin, outbound)
 }
