@@ -195,12 +195,6 @@ impl Balancer {
         balancer
     }
 
-    /// True when the endpoints are other sidecars (mTLS): then every request can ride one
-    /// multiplexed HTTP/2 connection, whatever version the app spoke.
-    pub fn is_mesh(&self) -> bool {
-        matches!(self.transport, Transport::Mesh { .. })
-    }
-
     /// Applies the latest endpoint set if it changed (cheap when it did not).
     /// Called on every pick: `try_lock` keeps it non-blocking (a request that finds another
     /// one applying an update uses the set in force).

@@ -1219,23 +1219,7 @@ async fn sidecar_killed_and_restarted_mid_stream_loses_nothing() {
     wait_http_ready(admin, Duration::from_secs(15)).await;
     publisher.await.expect("publisher");
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let seen = distinct(&app);
-        let missing: Vec<usize> = (0..N)
-            .filter(|i| !seen.contains(&format!("m-{i}")))
-            .collect();
-        if missing.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} messages never reached the app, e.g. {:?}",
-            missing.len(),
-            &missing[..missing.len().min(10)]
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_all_reached(N, "messages", || distinct(&app)).await;
     let all = app.seen();
     let ok = all.iter().filter(|s| s.status == 200).count();
     let retried = all
@@ -1467,23 +1451,10 @@ async fn connection_closed_repeatedly_during_10000_messages_loses_nothing() {
         }
         counts
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let seen = accepted(&app);
-        let missing: Vec<usize> = (0..N)
-            .filter(|i| !seen.contains_key(&format!("m-{i}")))
-            .collect();
-        if missing.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} confirmed messages never reached the app, e.g. {:?}",
-            missing.len(),
-            &missing[..missing.len().min(10)]
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_all_reached(N, "confirmed messages", || {
+        accepted(&app).into_keys().collect()
+    })
+    .await;
     // Let late copies (redeliveries, the second of a 503'd publish) arrive before counting.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let seen = accepted(&app);
@@ -1625,4 +1596,26 @@ fn process_config(
     )
     .expect("write config");
     (dir, path, admin, outbound)
+}
+
+/// Waits up to 30 s until every message `m-0` … `m-{n-1}` is among the correlation ids the app
+/// accepted (`accepted` reads them); fails naming the missing ones.
+async fn wait_all_reached(n: usize, what: &str, accepted: impl Fn() -> HashSet<String>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen = accepted();
+        let missing: Vec<usize> = (0..n)
+            .filter(|i| !seen.contains(&format!("m-{i}")))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} {what} never reached the app, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(10)]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

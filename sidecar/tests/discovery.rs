@@ -748,46 +748,7 @@ async fn traffic_follows_dns_changes_through_the_proxy_without_failures() {
     let _b = backend([127, 0, 0, 11], port, "b").await;
     dns.set_a("web.mesh.test.", 1, &[[127, 0, 0, 10]]).await;
 
-    let (outbound, inbound, admin) = (free_port(), free_port(), free_port());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("outrider.yaml");
-    let yaml = format!(
-        "service: tester
-namespace: demo
-app: 127.0.0.1:9
-listen: {{ outbound: 127.0.0.1:{outbound}, inbound: 127.0.0.1:{inbound}, admin: 127.0.0.1:{admin} }}
-tls: {{ mode: disabled }}
-discovery:
-  resolver: {{ nameservers: [\"{dns}\"], min_ttl: 1s, max_ttl: 2s, stale_for: 10s, timeout: 500ms }}
-  services:
-    web: {{ dns: \"web.mesh.test:{port}\" }}
-",
-        dns = dns.addr
-    );
-    std::fs::write(&path, yaml).expect("write config");
-    // In process (the same code as `outrider run`): a shared target directory may hold
-    // another branch's binary.
-    let loaded = config::load_file(&path, Vec::new()).expect("valid config");
-    let _sidecar = Sidecar(tokio::spawn(async move {
-        if let Err(e) = outrider::runtime::run(path, loaded.config).await {
-            panic!("sidecar failed: {e:?}");
-        }
-    }));
-
-    let client: Client =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
-    let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
-    let out_addr = SocketAddr::from(([127, 0, 0, 1], outbound));
-    let mut up = false;
-    for _ in 0..100 {
-        if get(&client, admin_addr, "localhost", "/ready").await.0 == 200 {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(up, "sidecar did not become ready");
+    let (_dir, _sidecar, client, admin_addr, out_addr) = dns_sidecar(&dns, port, "10s").await;
 
     // Steady traffic: every answer must be 200 from a backend.
     let mut seen = Vec::new();
@@ -871,43 +832,7 @@ async fn dns_server_stopped_and_restarted_under_load() {
     dns.set_a("web.mesh.test.", 1, &[[127, 0, 0, 10]]).await;
     let stale_for = 4 * SECOND;
 
-    let (outbound, inbound, admin) = (free_port(), free_port(), free_port());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("outrider.yaml");
-    let yaml = format!(
-        "service: tester
-namespace: demo
-app: 127.0.0.1:9
-listen: {{ outbound: 127.0.0.1:{outbound}, inbound: 127.0.0.1:{inbound}, admin: 127.0.0.1:{admin} }}
-tls: {{ mode: disabled }}
-discovery:
-  resolver: {{ nameservers: [\"{dns}\"], min_ttl: 1s, max_ttl: 2s, stale_for: 4s, timeout: 500ms }}
-  services:
-    web: {{ dns: \"web.mesh.test:{port}\" }}
-",
-        dns = dns.addr
-    );
-    std::fs::write(&path, yaml).expect("write config");
-    let loaded = config::load_file(&path, Vec::new()).expect("valid config");
-    let _sidecar = Sidecar(tokio::spawn(async move {
-        if let Err(e) = outrider::runtime::run(path, loaded.config).await {
-            panic!("sidecar failed: {e:?}");
-        }
-    }));
-    let client: Client =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
-    let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
-    let out_addr = SocketAddr::from(([127, 0, 0, 1], outbound));
-    let mut up = false;
-    for _ in 0..100 {
-        if get(&client, admin_addr, "localhost", "/ready").await.0 == 200 {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(up, "sidecar did not become ready");
+    let (_dir, _sidecar, client, admin_addr, out_addr) = dns_sidecar(&dns, port, "4s").await;
     let state = |client: Client| async move {
         let (_, body) = get(&client, admin_addr, "localhost", "/endpoints").await;
         let json: serde_json::Value = serde_json::from_str(&body).expect("json");
@@ -1076,4 +1001,53 @@ discovery:
         all.len(),
         phase2_failed.len()
     );
+}
+
+/// A sidecar (`outrider run`, in process: a shared target directory may hold another
+/// branch's binary) that finds `web` at `web.mesh.test:{port}` through `dns`, ready; with its
+/// config directory (keep it: the sidecar watches it), a client and its admin and outbound
+/// addresses.
+async fn dns_sidecar(
+    dns: &DnsServer,
+    port: u16,
+    stale_for: &str,
+) -> (tempfile::TempDir, Sidecar, Client, SocketAddr, SocketAddr) {
+    let (outbound, inbound, admin) = (free_port(), free_port(), free_port());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("outrider.yaml");
+    let yaml = format!(
+        "service: tester
+namespace: demo
+app: 127.0.0.1:9
+listen: {{ outbound: 127.0.0.1:{outbound}, inbound: 127.0.0.1:{inbound}, admin: 127.0.0.1:{admin} }}
+tls: {{ mode: disabled }}
+discovery:
+  resolver: {{ nameservers: [\"{dns}\"], min_ttl: 1s, max_ttl: 2s, stale_for: {stale_for}, timeout: 500ms }}
+  services:
+    web: {{ dns: \"web.mesh.test:{port}\" }}
+",
+        dns = dns.addr
+    );
+    std::fs::write(&path, yaml).expect("write config");
+    let loaded = config::load_file(&path, Vec::new()).expect("valid config");
+    let sidecar = Sidecar(tokio::spawn(async move {
+        if let Err(e) = outrider::runtime::run(path, loaded.config).await {
+            panic!("sidecar failed: {e:?}");
+        }
+    }));
+    let client: Client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
+    let out_addr = SocketAddr::from(([127, 0, 0, 1], outbound));
+    let mut up = false;
+    for _ in 0..100 {
+        if get(&client, admin_addr, "localhost", "/ready").await.0 == 200 {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "sidecar did not become ready");
+    (dir, sidecar, client, admin_addr, out_addr)
 }

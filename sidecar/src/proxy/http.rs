@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full, StreamBody, combinators::UnsyncBoxBody};
 
@@ -275,8 +276,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             }
         }
     }
-    for (i, name) in HOP_BY_HOP.iter().enumerate().skip(3) {
-        if present & (1 << i) != 0 {
+    let fixed = present & !(CONNECTION_BIT | UPGRADE_BIT | TE_BIT);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if fixed & (1 << i) != 0 {
             headers.remove(name);
         }
     }
@@ -356,16 +358,31 @@ pub fn h1_to_h2(req: Request<Body>) -> Request<Body> {
     let authority = parts
         .headers
         .get(header::HOST)
-        .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok());
+        .and_then(|h| Authority::try_from(h.as_bytes()).ok());
     upgrade_to_h2(&mut parts);
+    if let Some(authority) = authority {
+        set_absolute_uri(&mut parts, authority);
+    }
+    Request::from_parts(parts, body)
+}
+
+/// Gives the request the absolute `http://authority/path` URI HTTP/2 needs (`:authority`),
+/// from the parts already parsed (shared bytes: no copy, no parse).
+pub fn set_absolute_uri(parts: &mut http::request::Parts, authority: Authority) {
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(http::uri::Scheme::HTTP);
-    uri.authority = authority;
-    uri.path_and_query = parts.uri.path_and_query().cloned();
+    uri.authority = Some(authority);
+    uri.path_and_query = Some(path_and_query(&parts.uri));
     if let Ok(built) = http::Uri::from_parts(uri) {
         parts.uri = built;
     }
-    Request::from_parts(parts, body)
+}
+
+/// The URI's path and query, `/` when it has none.
+pub fn path_and_query(uri: &http::Uri) -> PathAndQuery {
+    uri.path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"))
 }
 
 /// When an HTTP/1.x request rides HTTP/2 between sidecars (the pooled HTTP/1.1 connections to

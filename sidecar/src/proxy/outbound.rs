@@ -16,14 +16,14 @@ use bytes::Bytes;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 use http::header::{self, HeaderValue};
-use http::uri::{self, Authority, PathAndQuery};
+use http::uri::Authority;
 use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 
 use super::http::{
     Body, CORRELATION_ID, ErrorKind, GRPC_TIMEOUT, ORIG_PROTO, OUTRIDER_PEER, ProxyError, boxed,
     empty, ensure_correlation_id, grpc_timeout_value, is_grpc, is_upgrade_head, parse_grpc_timeout,
-    relay_response, strip_hop_by_hop,
+    path_and_query, relay_response, set_absolute_uri, strip_hop_by_hop,
 };
 use super::pool::SendError;
 use super::route::{is_local, parse_authority};
@@ -256,26 +256,17 @@ fn policy_error(service: &str, policy: &Policy, error: PolicyError) -> ProxyErro
 }
 
 /// HTTP/2 keeps the service's authority in `:authority`; HTTP/1.1 sends origin form with `Host`.
-/// Built from the parts already parsed (shared bytes: no copy, no parse).
 fn set_upstream_uri(parts: &mut http::request::Parts, authority: &Authority) {
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let mut uri = uri::Parts::default();
-    uri.path_and_query = Some(path_and_query);
     if parts.version == http::Version::HTTP_2 {
-        uri.scheme = Some(uri::Scheme::HTTP);
-        uri.authority = Some(authority.clone());
-    } else if !parts.headers.contains_key(header::HOST)
+        set_absolute_uri(parts, authority.clone());
+        return;
+    }
+    if !parts.headers.contains_key(header::HOST)
         && let Ok(host) = HeaderValue::from_str(authority.as_str())
     {
         parts.headers.insert(header::HOST, host);
     }
-    if let Ok(built) = Uri::from_parts(uri) {
-        parts.uri = built;
-    }
+    parts.uri = Uri::from(path_and_query(&parts.uri));
 }
 
 /// One attempt: an endpoint chosen by the balancer, one send within the deadline. Reports the

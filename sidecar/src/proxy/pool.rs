@@ -200,7 +200,8 @@ const MAX_H1_CONNECTIONS: usize = 512;
 const MESH_H1_CONNECTIONS: usize = 0;
 
 /// `MESH_H1_CONNECTIONS`, or `OUTRIDER_MESH_H1_CONNECTIONS` when set, read once: a tuning
-/// knob for machines where system calls are cheap (bare metal); `bench/pair.sh` measures it.
+/// knob for machines where system calls are cheap (bare metal); compare both settings with
+/// `bench/callgrind.sh` (instructions) and a pair under wrk (CPU time).
 fn mesh_h1_connections() -> usize {
     static CAP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *CAP.get_or_init(|| {
