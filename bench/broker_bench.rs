@@ -11,7 +11,8 @@
 //! Run with `bench/broker.sh` (release build). Needs RabbitMQ on 127.0.0.1:5672 (guest/guest);
 //! every queue it makes is named `bench.<random>.*` and deleted at the end.
 //! Environment: `BENCH_N` (messages per run, default 20000), `BENCH_PREFETCH` (default 64),
-//! `BENCH_AMQP` (default `amqp://guest:guest@127.0.0.1:5672/%2f`).
+//! `BENCH_ROUNDS` (default 3), `BENCH_AMQP` (default `amqp://guest:guest@127.0.0.1:5672/%2f`),
+//! `BENCH_ONLY=publish` or `deliver` to run one half (for profiling it).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -102,19 +103,27 @@ async fn main() -> Result<(), Error> {
         ("raw32", "via32", "32"),
         ("raw64", "via64", "64"),
     ];
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let (do_publish, do_deliver) = (only != "deliver", only != "publish");
     for round in 1..=rounds {
-        let full = raw_publish(&ch, &raw_q, n, usize::MAX, &payload).await?;
-        purge(&ch, &raw_q).await?;
-        m.entry("full").or_default().push(full);
-        for (raw_key, via_key, c) in KEYS {
-            let c: usize = c.parse()?;
-            let raw = raw_concurrent(&ch, &raw_q, n, c, &payload).await?;
+        if do_publish {
+            let full = raw_publish(&ch, &raw_q, n, usize::MAX, &payload).await?;
             purge(&ch, &raw_q).await?;
-            let path = format!("/v1/queues/{bridge_q}");
-            let via = http_publish(addr, &path, n, c, &payload).await?;
-            purge(&ch, &bridge_q).await?;
-            m.entry(raw_key).or_default().push(raw);
-            m.entry(via_key).or_default().push(via);
+            m.entry("full").or_default().push(full);
+            for (raw_key, via_key, c) in KEYS {
+                let c: usize = c.parse()?;
+                let raw = raw_concurrent(&ch, &raw_q, n, c, &payload).await?;
+                purge(&ch, &raw_q).await?;
+                let path = format!("/v1/queues/{bridge_q}");
+                let via = http_publish(addr, &path, n, c, &payload).await?;
+                purge(&ch, &bridge_q).await?;
+                m.entry(raw_key).or_default().push(raw);
+                m.entry(via_key).or_default().push(via);
+            }
+        }
+        if !do_deliver {
+            println!("round {round} done");
+            continue;
         }
         fill(&ch, &raw_q, n, &payload).await?;
         let inline = raw_consume(&conn, &raw_q, n, prefetch, false).await?;
@@ -131,6 +140,7 @@ async fn main() -> Result<(), Error> {
         m.entry("inline").or_default().push(inline);
         m.entry("spawned").or_default().push(spawned);
         m.entry("deliver").or_default().push(deliver);
+        let full = m.get("full").and_then(|v| v.last()).copied().unwrap_or(0.0);
         println!(
             "round {round}: full {full:.0}, consume inline {inline:.0} / spawned {spawned:.0}, deliver {deliver:.0} msg/s"
         );

@@ -25,8 +25,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, Consumer};
@@ -35,6 +34,7 @@ use tracing::Instrument;
 
 use super::dedup::{Admission, Dedup};
 use super::link::Shared;
+use super::settle::Settler;
 use super::topology::{self, ATTEMPT_HEADER, FROM_HEADER, REASON_HEADER};
 use crate::config::{Backoff, Broker, Config, QueueType, SubscriptionSource};
 use crate::metrics::Metrics;
@@ -234,6 +234,7 @@ pub(crate) async fn run_consumer(
     generation: u64,
 ) {
     let mut shutdown = shared.shutdown_signal();
+    let settler = Settler::start(channel.clone(), sub.settings.queue.clone());
     loop {
         let next = tokio::select! {
             next = consumer.next() => next,
@@ -242,12 +243,17 @@ pub(crate) async fn run_consumer(
         match next {
             Some(Ok(delivery)) => {
                 let guard = shared.enter();
+                let tag = delivery.delivery_tag;
+                settler.received(tag);
                 let shared = shared.clone();
                 let sub = sub.clone();
                 let channel = channel.clone();
+                let settler = settler.clone();
                 tokio::spawn(async move {
-                    handle(&shared, &sub, &channel, delivery).await;
-                    drop(guard);
+                    match handle(&shared, &sub, &channel, delivery).await {
+                        Settle::Ack => settler.ack(tag, guard),
+                        Settle::Requeue => settler.requeue(tag, guard),
+                    }
                 });
             }
             Some(Err(e)) => {
@@ -268,8 +274,19 @@ pub(crate) async fn run_consumer(
     }
 }
 
-/// One message: dedup, deliver, then ack / retry / dead-letter.
-async fn handle(shared: &Shared, sub: &Subscription, channel: &Channel, delivery: Delivery) {
+/// How a message leaves the consumer's hands: see [`Settler`].
+enum Settle {
+    Ack,
+    Requeue,
+}
+
+/// One message: dedup, deliver, then retry or dead-letter; says how to settle it.
+async fn handle(
+    shared: &Shared,
+    sub: &Subscription,
+    channel: &Channel,
+    delivery: Delivery,
+) -> Settle {
     let p = &delivery.properties;
     let correlation_id = p
         .correlation_id()
@@ -294,18 +311,17 @@ async fn handle(shared: &Shared, sub: &Subscription, channel: &Channel, delivery
         {
             Admission::Duplicate => {
                 tracing::debug!("duplicate correlation id: acked without delivery");
-                ack(&delivery).await;
                 sub.duplicate.inc();
-                return;
+                return Settle::Ack;
             }
             Admission::Deliver(claim) => claim,
         };
         match sub.post(&delivery, attempt).await {
             Verdict::Delivered => {
                 claim.delivered();
-                ack(&delivery).await;
                 sub.acked.inc();
                 tracing::debug!("delivered");
+                Settle::Ack
             }
             Verdict::Transient(why) if attempt < sub.settings.max_attempts => {
                 drop(claim);
@@ -323,10 +339,10 @@ async fn handle(shared: &Shared, sub: &Subscription, channel: &Channel, delivery
                 )
                 .await
                 {
-                    ack(&delivery).await;
                     sub.retried.inc();
+                    Settle::Ack
                 } else {
-                    requeue(&delivery).await;
+                    Settle::Requeue
                 }
             }
             Verdict::Transient(why) | Verdict::Poison(why) => {
@@ -349,10 +365,10 @@ async fn handle(shared: &Shared, sub: &Subscription, channel: &Channel, delivery
                 )
                 .await
                 {
-                    ack(&delivery).await;
                     sub.dead_lettered.inc();
+                    Settle::Ack
                 } else {
-                    requeue(&delivery).await;
+                    Settle::Requeue
                 }
             }
         }
@@ -479,23 +495,6 @@ fn copy_properties(
         out = out.with_expiration(ShortString::from(ttl.as_millis().to_string()));
     }
     out
-}
-
-async fn ack(delivery: &Delivery) {
-    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
-        // The connection went away: the broker redelivers it (dedup catches a success).
-        tracing::warn!("ack failed: {e}");
-    }
-}
-
-async fn requeue(delivery: &Delivery) {
-    let opts = BasicNackOptions {
-        requeue: true,
-        ..BasicNackOptions::default()
-    };
-    if let Err(e) = delivery.nack(opts).await {
-        tracing::warn!("nack failed: {e}");
-    }
 }
 
 fn header_value<'a>(headers: &'a Option<FieldTable>, name: &str) -> Option<&'a AMQPValue> {

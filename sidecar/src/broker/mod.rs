@@ -7,7 +7,8 @@
 //! - the publish API, `POST /v1/events/{event}`, `POST /v1/queues/{queue}` and the gRPC service
 //!   `outrider.v1.Broker`, answering only after the publisher confirm ([`publish`], [`grpc`]);
 //! - delivery of each subscription to the app, with retries through holding queues,
-//!   dead-lettering ([`deliver`]) and deduplication by `correlation_id` ([`dedup`]);
+//!   dead-lettering ([`deliver`]), acks coalesced per channel ([`settle`]) and deduplication by
+//!   `correlation_id` ([`dedup`]);
 //! - the `outrider_broker_*` metrics and the broker part of `/ready`.
 //!
 //! The outbound listener hands it the requests whose authority is local; see [`Bridge`].
@@ -19,6 +20,7 @@ mod grpc;
 mod link;
 mod publish;
 mod schema;
+mod settle;
 mod topology;
 
 use std::collections::HashSet;
