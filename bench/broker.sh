@@ -4,4 +4,5 @@
 # Needs RabbitMQ on 127.0.0.1:5672 (guest/guest). BENCH_N, BENCH_PREFETCH, BENCH_AMQP tune it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo run --quiet --release -p outrider --example broker_bench
+cargo build --quiet --release -p outrider --bin outrider --example broker_bench
+"${CARGO_TARGET_DIR:-target}"/release/examples/broker_bench

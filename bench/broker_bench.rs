@@ -3,10 +3,14 @@
 //! 1. publish, raw: one confirm-mode channel, persistent 1 KiB messages, C concurrent publishers
 //!    each awaiting its own confirm (C = the HTTP concurrency it is compared with), and fully
 //!    pipelined (everything sent, then every confirm awaited: the upper bound);
-//! 2. publish through the bridge's HTTP API (`POST /v1/queues/{q}`) at 16, 32 and 64 concurrent
-//!    keep-alive connections, each request answered after its confirm;
+//! 2. publish through a sidecar's HTTP API (`POST /v1/queues/{q}` on its outbound listener) at 16,
+//!    32 and 64 concurrent keep-alive connections, each request answered after its confirm;
 //! 3. consume + ack, raw, prefetch P, from a backlog of N;
-//! 4. delivery through the bridge to a trivial app (HTTP 200), prefetch P, from a backlog of N.
+//! 4. delivery through a sidecar to a trivial app (HTTP 200), prefetch P, from a backlog of N.
+//!
+//! The sidecars are real `outrider` processes (the release binary next to this example's
+//! directory), as an app would run them: their runtime, listener and request path are the ones
+//! measured, and this process only plays the app and the raw client.
 //!
 //! Run with `bench/broker.sh` (release build). Needs RabbitMQ on 127.0.0.1:5672 (guest/guest);
 //! every queue it makes is named `bench.<random>.*` and deleted at the end.
@@ -25,15 +29,13 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use outrider::broker::Bridge;
-use outrider::metrics::Metrics;
 use tokio::sync::Notify;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -75,29 +77,25 @@ async fn main() -> Result<(), Error> {
     // figure alike; the medians are reported.
     let rounds = env_usize("BENCH_ROUNDS", 3).max(1);
     let mut m: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
-    let pub_app = start_app().await?;
-    let yaml = format!(
-        "service: bench\nnamespace: bench\napp: {}\ntls: {{ mode: disabled }}\n\
-         broker:\n  url: {amqp}\n  exchange: {ns}.x\n  enqueues: [{bridge_q}]\n",
-        pub_app.addr
-    );
-    let cfg = outrider::config::load_str(&yaml, "bench.yaml", &std::env::temp_dir(), Vec::new())
-        .map_err(|e| e.to_string())?
-        .config;
-    let publisher = Bridge::start(&cfg, Arc::new(Metrics::new()));
-    wait_ready(&publisher).await?;
-    let addr = serve_bridge(publisher.clone()).await?;
+    let work = std::env::temp_dir().join(format!("outrider-{ns}"));
+    std::fs::create_dir_all(&work)?;
+    let publisher = Sidecar::start(
+        &work,
+        "publisher",
+        &format!(
+            "service: bench\nnamespace: bench\napp: 127.0.0.1:9\ntls: {{ mode: disabled }}\n\
+             broker:\n  url: {amqp}\n  exchange: {ns}.x\n  enqueues: [{bridge_q}]\n"
+        ),
+    )
+    .await?;
+    let addr = publisher.outbound;
     let app = start_app().await?;
-    let yaml = format!(
+    let subscriber_yaml = format!(
         "service: bench\nnamespace: bench\napp: {}\ntls: {{ mode: disabled }}\n\
          broker:\n  url: {amqp}\n  exchange: {ns}.x\n  subscriptions:\n\
          \x20   - {{ queue: {work_q}, deliver: /work, prefetch: {prefetch} }}\n",
         app.addr
     );
-    let sub_cfg =
-        outrider::config::load_str(&yaml, "bench.yaml", &std::env::temp_dir(), Vec::new())
-            .map_err(|e| e.to_string())?
-            .config;
     const KEYS: [(&str, &str, &str); 3] = [
         ("raw16", "via16", "16"),
         ("raw32", "via32", "32"),
@@ -133,9 +131,9 @@ async fn main() -> Result<(), Error> {
         purge(&ch, &raw_q).await?;
         fill(&ch, &work_q, n, &payload).await?;
         app.reset();
-        let subscriber = Bridge::start(&sub_cfg, Arc::new(Metrics::new()));
+        let subscriber = Sidecar::start(&work, "subscriber", &subscriber_yaml).await?;
         let deliver = app.rate(n).await?;
-        subscriber.shutdown().await;
+        subscriber.stop().await;
         purge(&ch, &work_q).await?;
         m.entry("inline").or_default().push(inline);
         m.entry("spawned").or_default().push(spawned);
@@ -145,7 +143,8 @@ async fn main() -> Result<(), Error> {
             "round {round}: full {full:.0}, consume inline {inline:.0} / spawned {spawned:.0}, deliver {deliver:.0} msg/s"
         );
     }
-    publisher.shutdown().await;
+    publisher.stop().await;
+    let _ = std::fs::remove_dir_all(&work);
 
     let med = |key: &str| -> f64 {
         let mut v = m.get(key).cloned().unwrap_or_default();
@@ -359,36 +358,80 @@ async fn raw_consume(
     Ok((n.saturating_sub(1)) as f64 / elapsed.as_secs_f64())
 }
 
-async fn wait_ready(bridge: &Bridge) -> Result<(), Error> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while let Err(why) = bridge.ready() {
-        if Instant::now() > deadline {
-            return Err(why.into());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Ok(())
+/// A sidecar process with its own config, on free loopback ports.
+struct Sidecar {
+    child: tokio::process::Child,
+    outbound: SocketAddr,
 }
 
-async fn serve_bridge(bridge: Arc<Bridge>) -> Result<SocketAddr, Error> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let _ = tcp.set_nodelay(true);
-            let bridge = bridge.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let bridge = bridge.clone();
-                    async move { Ok::<_, Infallible>(bridge.handle(req).await) }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
+impl Sidecar {
+    async fn start(work: &std::path::Path, name: &str, yaml: &str) -> Result<Sidecar, Error> {
+        let [outbound, inbound, admin] = [free_port()?, free_port()?, free_port()?];
+        let path = work.join(format!("{name}.yaml"));
+        std::fs::write(
+            &path,
+            format!(
+                "{yaml}listen: {{ outbound: {outbound}, inbound: {inbound}, admin: {admin} }}\n"
+            ),
+        )?;
+        let bin = std::env::current_exe()?
+            .parent()
+            .and_then(|examples| examples.parent())
+            .ok_or("no target directory")?
+            .join("outrider");
+        let child = tokio::process::Command::new(&bin)
+            .args(["run", "-c"])
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(work.join(format!("{name}.log")))?)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("{}: {e} (build it: cargo build --release)", bin.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ready(admin).await {
+            if Instant::now() > deadline {
+                return Err(format!("sidecar `{name}` not ready; see {}", work.display()).into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    });
-    Ok(addr)
+        Ok(Sidecar { child, outbound })
+    }
+
+    /// SIGTERM, as an orchestrator stops it: in-flight deliveries finish and are acked.
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = tokio::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status()
+                .await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+    }
+}
+
+fn free_port() -> Result<SocketAddr, Error> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// `GET /ready` on the admin listener answers 200.
+async fn ready(admin: SocketAddr) -> bool {
+    let Ok(tcp) = tokio::net::TcpStream::connect(admin).await else {
+        return false;
+    };
+    let Ok((mut send, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await
+    else {
+        return false;
+    };
+    tokio::spawn(conn);
+    let Ok(req) = http::Request::get("/ready")
+        .header("host", "localhost")
+        .body(Empty::<Bytes>::new())
+    else {
+        return false;
+    };
+    send.send_request(req)
+        .await
+        .is_ok_and(|r| r.status().is_success())
 }
 
 /// `concurrency` keep-alive HTTP/1.1 connections POSTing until `n` requests got 202.
