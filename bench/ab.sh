@@ -20,12 +20,9 @@ ROUNDS="${3:-5}"
 SECS="${4:-5}"
 CONNS="${5:-64}"
 BASE="${BENCH_PORT_BASE:-21700}"
-for tool in wrk nginx curl taskset; do
-    command -v "$tool" >/dev/null || {
-        echo "ab.sh: $tool missing (apt-get install wrk nginx curl)" >&2
-        exit 1
-    }
-done
+# shellcheck source=bench/require.sh
+source "$ROOT/bench/require.sh"
+require ab.sh wrk nginx curl taskset
 OUTRIDER="$BIN_A"
 NAME=ab
 NGINX_PREFIX=(taskset -c 0)

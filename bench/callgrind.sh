@@ -22,12 +22,9 @@ RATE=400
 OUT="${CALLGRIND_OUT:-$ROOT/bench/results/callgrind}"
 BASE="${BENCH_PORT_BASE:-21400}"
 
-for tool in valgrind callgrind_control callgrind_annotate nginx curl; do
-    command -v "$tool" >/dev/null || {
-        echo "callgrind.sh: $tool missing (apt-get install valgrind nginx curl)" >&2
-        exit 1
-    }
-done
+# shellcheck source=bench/require.sh
+source "$ROOT/bench/require.sh"
+require callgrind.sh valgrind callgrind_control callgrind_annotate nginx curl
 (cd "$ROOT" && cargo build --profile profiling -q -p outrider -p loadgen)
 OUTRIDER="${OUTRIDER_BIN:-$TARGET_DIR/profiling/outrider}"
 LOADGEN="$TARGET_DIR/profiling/loadgen"

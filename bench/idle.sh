@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-2000}
+base=${BENCH_PORT_BASE:-21900} # ports base..base+2, below the ephemeral range
+out=$base in=$((base + 1)) admin=$((base + 2))
 hold=${2:-0}
 cargo build --release -q -p outrider
 bin=${CARGO_TARGET_DIR:-target}/release/outrider
@@ -21,7 +23,7 @@ fi
 cat > "$work/idle.yaml" <<YAML
 service: idle
 app: 127.0.0.1:9
-listen: { outbound: 127.0.0.1:47140, inbound: 127.0.0.1:47143, admin: 127.0.0.1:47191 }
+listen: { outbound: 127.0.0.1:$out, inbound: 127.0.0.1:$in, admin: 127.0.0.1:$admin }
 tls: { mode: disabled }
 # An idle keep-alive connection waits for its next request head, so header_read_timeout (10s by
 # default) closes it; raised here so all N stay open while they are counted.
@@ -29,5 +31,5 @@ limits: { header_read_timeout: ${IDLE_HEADER_TIMEOUT:-10m} }
 YAML
 "$bin" run -c "$work/idle.yaml" --log-format json >"$work/log" 2>&1 &
 pid=$!
-for _ in $(seq 50); do curl -sf http://127.0.0.1:47191/ready >/dev/null && break; sleep 0.1; done
-python3 bench/idle_conns.py "$pid" 47140 "$n" "$hold"
+for _ in $(seq 50); do curl -sf http://127.0.0.1:$admin/ready >/dev/null && break; sleep 0.1; done
+python3 bench/idle_conns.py "$pid" "$out" "$n" "$hold"

@@ -20,12 +20,9 @@ CONNS="${2:-64}"
 OUT="${PROFILE_OUT:-$ROOT/bench/results/profile}"
 BASE="${BENCH_PORT_BASE:-21300}"
 
-for tool in perf wrk nginx curl; do
-    command -v "$tool" >/dev/null || {
-        echo "profile.sh: $tool missing (apt-get install linux-perf wrk nginx curl)" >&2
-        exit 1
-    }
-done
+# shellcheck source=bench/require.sh
+source "$ROOT/bench/require.sh"
+require profile.sh perf wrk nginx curl
 (cd "$ROOT" && cargo build --profile profiling -q -p outrider -p loadgen)
 OUTRIDER="$TARGET_DIR/profiling/outrider"
 LOADGEN="$TARGET_DIR/profiling/loadgen"

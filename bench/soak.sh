@@ -10,6 +10,10 @@ cd "$(dirname "$0")/.."
 minutes=${1:-10}
 rate=${2:-500}
 target=${CARGO_TARGET_DIR:-target}
+# Ports from BENCH_PORT_BASE (default 21950): base..base+6, below the ephemeral range.
+base=${BENCH_PORT_BASE:-21950}
+app=$base c_out=$((base + 1)) c_in=$((base + 2)) c_admin=$((base + 3))
+w_out=$((base + 4)) w_in=$((base + 5)) w_admin=$((base + 6))
 cargo build --release -q -p outrider -p loadgen
 bin="$target/release/outrider"
 loadgen="$target/release/loadgen"
@@ -37,37 +41,37 @@ class S(http.server.ThreadingHTTPServer):
 S(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 ''')
 PY
-python3 "$work/backend.py" 48080 & pids+=($!)
+python3 "$work/backend.py" "$app" & pids+=($!)
 
 "$bin" certs ca --out "$work/ca" >/dev/null
 for s in web flaky; do "$bin" certs issue --ca "$work/ca" --service "$s" --out "$work/certs" >/dev/null; done
 tls() { echo "tls: { ca: $work/ca/ca.pem, cert: $work/certs/$1.pem, key: $work/certs/$1-key.pem }"; }
 cat > "$work/flaky.yaml" <<YAML
 service: flaky
-app: 127.0.0.1:48080
-listen: { outbound: 127.0.0.1:48140, inbound: 127.0.0.1:48143, admin: 127.0.0.1:48191 }
+app: 127.0.0.1:$app
+listen: { outbound: 127.0.0.1:$c_out, inbound: 127.0.0.1:$c_in, admin: 127.0.0.1:$c_admin }
 $(tls flaky)
 YAML
 cat > "$work/web.yaml" <<YAML
 service: web
 app: 127.0.0.1:9
-listen: { outbound: 127.0.0.1:48240, inbound: 127.0.0.1:48243, admin: 127.0.0.1:48291 }
+listen: { outbound: 127.0.0.1:$w_out, inbound: 127.0.0.1:$w_in, admin: 127.0.0.1:$w_admin }
 $(tls web)
-discovery: { services: { flaky: { endpoints: ["127.0.0.1:48143"] } } }
+discovery: { services: { flaky: { endpoints: ["127.0.0.1:$c_in"] } } }
 policies: { default: { circuit_breaker: { consecutive_failures: 1000 } } }
 YAML
 "$bin" run -c "$work/flaky.yaml" --log-level warn 2>"$work/flaky.log" & callee=$!; pids+=($callee)
 "$bin" run -c "$work/web.yaml" --log-level warn 2>"$work/web.log" & caller=$!; pids+=($caller)
-for _ in $(seq 100); do curl -sf http://127.0.0.1:48291/ready >/dev/null && curl -sf http://127.0.0.1:48191/ready >/dev/null && break; sleep 0.1; done
+for _ in $(seq 100); do curl -sf http://127.0.0.1:$w_admin/ready >/dev/null && curl -sf http://127.0.0.1:$c_admin/ready >/dev/null && break; sleep 0.1; done
 
 rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 fds() { ls "/proc/$1/fd" | wc -l; }
 printf '%-6s %10s %8s %10s %10s %8s %8s\n' minute p99_ms errors caller_kib callee_kib c_fds s_fds
 for m in $(seq "$minutes"); do
-  report=$("$loadgen" run --url http://127.0.0.1:48240/ --host flaky --rate "$rate" -c 128 \
+  report=$("$loadgen" run --url http://127.0.0.1:$w_out/ --host flaky --rate "$rate" -c 128 \
     --duration 60 --warmup 0 2>/dev/null)
   p99=$(python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["latency_ms"]["p99"] if "latency_ms" in r else r.get("p99","?"))' <<<"$report" 2>/dev/null || echo "?")
   errors=$(python3 -c 'import json,sys; print(json.load(sys.stdin).get("errors","?"))' <<<"$report" 2>/dev/null || echo "?")
   printf '%-6s %10s %8s %10s %10s %8s %8s\n' "$m" "$p99" "$errors" "$(rss $caller)" "$(rss $callee)" "$(fds $caller)" "$(fds $callee)"
 done
-echo "retries: $(curl -s http://127.0.0.1:48291/metrics | grep '^outrider_retries_total' || true)"
+echo "retries: $(curl -s http://127.0.0.1:$w_admin/metrics | grep '^outrider_retries_total' || true)"
