@@ -7,8 +7,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// mimalloc instead of the system allocator, with `--features mimalloc` (measured against glibc
-/// malloc in docs/performance.md).
+/// mimalloc instead of the system allocator, with
+/// `cargo build --release -p outrider --features mimalloc` (measured against glibc malloc in
+/// docs/performance.md).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
