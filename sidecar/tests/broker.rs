@@ -1094,6 +1094,58 @@ async fn shutdown_stops_consuming_and_refuses_publishes() {
     assert_eq!(app.seen().len(), 1);
 }
 
+/// A graceful shutdown in the middle of a stream: every message the app accepted is acked before
+/// the connection closes (acks are coalesced and written by the channel's settling task, which
+/// shutdown waits for), so what the app saw and what is left in the queue add up to what was
+/// published, and no message is in both.
+#[tokio::test]
+async fn graceful_shutdown_mid_stream_acks_all_the_app_accepted() {
+    init();
+    let (ns, _cleanup) = unique();
+    let app = App::start_slow(always(200), Duration::from_millis(5)).await;
+    let cfg = subscriber(&ns, app.addr, 3);
+    let bridge = Bridge::start(&cfg, Arc::new(Metrics::new()));
+    wait_ready(&bridge).await;
+    let amqp = Amqp::connect(&ns).await;
+    const N: usize = 400;
+    for i in 0..N {
+        amqp.ch
+            .basic_publish(
+                format!("{ns}.x").as_str().into(),
+                ShortString::from("e"),
+                lapin::options::BasicPublishOptions::default(),
+                format!("{i}").as_bytes(),
+                lapin::BasicProperties::default().with_correlation_id(format!("m{i}").into()),
+            )
+            .await
+            .expect("publish");
+    }
+    app.wait_for(40, Duration::from_secs(10)).await;
+    bridge.shutdown().await;
+    let seen = app.seen();
+    let accepted: HashSet<String> = seen.iter().map(|s| s.header("x-correlation-id")).collect();
+    assert_eq!(
+        accepted.len(),
+        seen.len(),
+        "a message reached the app twice"
+    );
+    assert!(accepted.len() < N, "the shutdown should come mid-stream");
+    // The broker requeues what was unacked when the connection closed; give it a moment.
+    let queue = format!("{ns}.svc.e");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut left = amqp.count(&queue).await as usize;
+    while left + accepted.len() != N && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        left = amqp.count(&queue).await as usize;
+    }
+    assert_eq!(
+        left + accepted.len(),
+        N,
+        "{} accepted by the app, {left} still queued",
+        accepted.len()
+    );
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
