@@ -34,7 +34,7 @@ use tracing::Instrument;
 
 use super::dedup::{Admission, Dedup};
 use super::link::Shared;
-use super::settle::Settler;
+use super::settle::{Settle, Settler};
 use super::topology::{self, ATTEMPT_HEADER, FROM_HEADER, REASON_HEADER};
 use crate::config::{Backoff, Broker, Config, QueueType, SubscriptionSource};
 use crate::metrics::Metrics;
@@ -250,10 +250,8 @@ pub(crate) async fn run_consumer(
                 let channel = channel.clone();
                 let settler = settler.clone();
                 tokio::spawn(async move {
-                    match handle(&shared, &sub, &channel, delivery).await {
-                        Settle::Ack => settler.ack(tag, guard),
-                        Settle::Requeue => settler.requeue(tag, guard),
-                    }
+                    let how = handle(&shared, &sub, &channel, delivery).await;
+                    settler.settle(tag, how, guard);
                 });
             }
             Some(Err(e)) => {
@@ -272,12 +270,6 @@ pub(crate) async fn run_consumer(
         // Cancelled by the broker (queue deleted?) or channel closed: rebuild everything.
         shared.consumer_stopped(generation);
     }
-}
-
-/// How a message leaves the consumer's hands: see [`Settler`].
-enum Settle {
-    Ack,
-    Requeue,
 }
 
 /// One message: dedup, deliver, then retry or dead-letter; says how to settle it.

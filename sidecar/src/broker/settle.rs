@@ -27,14 +27,20 @@ use tokio::sync::mpsc;
 
 use super::link::InFlightGuard;
 
+/// How a delivery leaves the consumer's hands.
+pub(crate) enum Settle {
+    /// The message is done with (delivered, dead-lettered, retried or a duplicate).
+    Ack,
+    /// Return the message to its queue (a retry or dead-letter copy could not be stored).
+    Requeue,
+}
+
 /// What the settling task is told, in the order things happened on the channel.
 enum Event {
     /// The consumer received this tag: it is in delivery until settled.
     Received(u64),
-    /// The message is done with (delivered, dead-lettered, retried or a duplicate).
-    Ack(u64, InFlightGuard),
-    /// Return the message to its queue (a retry or dead-letter copy could not be stored).
-    Requeue(u64, InFlightGuard),
+    /// The delivery of this tag ended; the guard is its in-flight count.
+    Settled(u64, Settle, InFlightGuard),
 }
 
 /// The consumer's handle on its channel's settling task. Cheap to clone.
@@ -57,12 +63,9 @@ impl Settler {
         let _ = self.events.send(Event::Received(tag));
     }
 
-    pub(crate) fn ack(&self, tag: u64, guard: InFlightGuard) {
-        let _ = self.events.send(Event::Ack(tag, guard));
-    }
-
-    pub(crate) fn requeue(&self, tag: u64, guard: InFlightGuard) {
-        let _ = self.events.send(Event::Requeue(tag, guard));
+    /// Called once the delivery of `tag` ended; `guard` is released once its frame is written.
+    pub(crate) fn settle(&self, tag: u64, how: Settle, guard: InFlightGuard) {
+        let _ = self.events.send(Event::Settled(tag, how, guard));
     }
 }
 
@@ -88,19 +91,15 @@ struct Frames {
 }
 
 impl Pending {
-    fn apply(&mut self, event: &Event) {
-        match event {
-            Event::Received(tag) => {
-                self.in_delivery.insert(*tag);
-            }
-            Event::Ack(tag, _) => {
-                self.in_delivery.remove(tag);
-                self.acked.push(*tag);
-            }
-            Event::Requeue(tag, _) => {
-                self.in_delivery.remove(tag);
-                self.requeued.push(*tag);
-            }
+    fn received(&mut self, tag: u64) {
+        self.in_delivery.insert(tag);
+    }
+
+    fn settled(&mut self, tag: u64, how: &Settle) {
+        self.in_delivery.remove(&tag);
+        match how {
+            Settle::Ack => self.acked.push(tag),
+            Settle::Requeue => self.requeued.push(tag),
         }
     }
 
@@ -126,9 +125,12 @@ async fn run(channel: Channel, queue: String, mut rx: mpsc::UnboundedReceiver<Ev
         // Everything queued while the previous frames were written goes into this flush.
         let mut next = Some(first);
         while let Some(event) = next {
-            pending.apply(&event);
-            if let Event::Ack(_, guard) | Event::Requeue(_, guard) = event {
-                guards.push(guard);
+            match event {
+                Event::Received(tag) => pending.received(tag),
+                Event::Settled(tag, how, guard) => {
+                    pending.settled(tag, &how);
+                    guards.push(guard);
+                }
             }
             next = rx.try_recv().ok();
         }
@@ -174,18 +176,18 @@ mod tests {
 
     fn pending(received: &[u64]) -> Pending {
         let mut p = Pending::default();
-        p.in_delivery.extend(received);
+        for tag in received {
+            p.received(*tag);
+        }
         p
     }
 
     fn settle(p: &mut Pending, acked: &[u64], requeued: &[u64]) {
         for tag in acked {
-            p.in_delivery.remove(tag);
-            p.acked.push(*tag);
+            p.settled(*tag, &Settle::Ack);
         }
         for tag in requeued {
-            p.in_delivery.remove(tag);
-            p.requeued.push(*tag);
+            p.settled(*tag, &Settle::Requeue);
         }
     }
 
