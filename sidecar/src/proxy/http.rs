@@ -385,9 +385,10 @@ pub fn path_and_query(uri: &http::Uri) -> PathAndQuery {
         .unwrap_or_else(|| PathAndQuery::from_static("/"))
 }
 
-/// When an HTTP/1.x request rides HTTP/2 between sidecars (the pooled HTTP/1.1 connections to
-/// that endpoint are all busy), it is marked with its version so the other side hands it to
-/// the app as it arrived. Upgrades always keep HTTP/1.1.
+/// When an HTTP/1.x request rides HTTP/2 between sidecars (every one does by default; with
+/// `OUTRIDER_MESH_H1_CONNECTIONS`, those that find the pooled HTTP/1.1 connections busy), it is
+/// marked with its version so the other side hands it to the app as it arrived. Upgrades
+/// always keep HTTP/1.1.
 pub fn upgrade_to_h2(parts: &mut http::request::Parts) {
     let orig = match parts.version {
         http::Version::HTTP_11 => "HTTP/1.1",

@@ -195,13 +195,14 @@ const MAX_H1_CONNECTIONS: usize = 512;
 /// sidecars (no HPACK, no stream state, no task per stream: `bench/callgrind.sh`), but each
 /// request then costs its own read and write system calls on that leg, where HTTP/2 batches
 /// many streams per call; on the VMs measured, system calls cost more than the instructions
-/// saved and HTTP/2 moved 10–15 % more requests per CPU second. The cap also bounds the mTLS
-/// handshakes a burst of concurrent requests can cause.
+/// saved: HTTP/2 moved 10–15 % more requests per CPU second on one VM and 39 % more on another
+/// (there HTTP/1.1 gave 0.76× the requests/s at 1.39× the CPU per request). The cap also bounds
+/// the mTLS handshakes a burst of concurrent requests can cause.
 const MESH_H1_CONNECTIONS: usize = 0;
 
 /// `MESH_H1_CONNECTIONS`, or `OUTRIDER_MESH_H1_CONNECTIONS` when set, read once: a tuning
 /// knob for machines where system calls are cheap (bare metal); compare both settings with
-/// `bench/callgrind.sh` (instructions) and a pair under wrk (CPU time).
+/// `ENV_B=OUTRIDER_MESH_H1_CONNECTIONS=64 bench/ab.sh BIN BIN`.
 fn mesh_h1_connections() -> usize {
     static CAP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *CAP.get_or_init(|| {
@@ -279,6 +280,10 @@ impl EndpointPool {
             Transport::Mesh { .. } => mesh_h1_connections(),
             Transport::Plain => usize::MAX,
         };
+        if cap == 0 {
+            // The default between sidecars: no HTTP/1.1 pool to look into.
+            return self.send_h2(h1_to_h2(req), connect_timeout).await;
+        }
         // A pooled connection may have been closed by the peer just now: then hyper hands the
         // request back unsent and it goes out on a fresh connection.
         for _ in 0..2 {
