@@ -1,7 +1,8 @@
-# Sourced by bench/callgrind.sh and bench/profile.sh: the minimal pair they profile. Expects
-# OUTRIDER (binary), BASE (port base) and NAME (for the work dir); sets the ports, WORK, PIDS
-# and an EXIT trap, starts an nginx backend (`return 200 "ok"`, one worker, keep-alive), mints
-# certificates and writes $WORK/web.yaml and $WORK/backend.yaml (web → backend over mTLS).
+# Sourced by bench/callgrind.sh, bench/profile.sh and bench/ab.sh: the minimal pair they use.
+# Expects ROOT, OUTRIDER (binary), BASE (port base) and NAME (for the work dir); sets the ports,
+# WORK, PIDS and an EXIT trap, starts an nginx backend (`return 200 "ok"`, one worker,
+# keep-alive), mints certificates and writes $WORK/web.yaml and $WORK/backend.yaml (web →
+# backend over mTLS) with bench/pair-configs.sh, as bench/pair.sh does.
 # Starting the sidecars is the caller's part (each script wraps them differently).
 # NGINX_PREFIX (an array, e.g. (taskset -c 0)) prefixes the nginx command.
 
@@ -37,20 +38,9 @@ http {
 EOC
 "${NGINX_PREFIX[@]}" nginx -e "$WORK/nginx.err" -c "$WORK/nginx.conf" &
 PIDS+=($!)
-"$OUTRIDER" certs ca --out "$WORK/ca" >/dev/null
-for svc in web backend; do
-    "$OUTRIDER" certs issue --ca "$WORK/ca" --service "$svc" --out "$WORK/certs" >/dev/null
-done
-sidecar_yaml() { # service app out in admin
-    cat <<EOC
-service: $1
-app: $2
-listen: { outbound: 127.0.0.1:$3, inbound: 127.0.0.1:$4, admin: 127.0.0.1:$5 }
-tls: { ca: $WORK/ca/ca.pem, cert: $WORK/certs/$1.pem, key: $WORK/certs/$1-key.pem }
-discovery:
-  services:
-    backend: { endpoints: ["127.0.0.1:$P_BE_IN"] }
-EOC
-}
+declare -A ENDPOINTS=([backend]=$P_BE_IN)
+# shellcheck source=bench/pair-configs.sh
+source "$ROOT/bench/pair-configs.sh"
+mint_certs web backend
 sidecar_yaml web 127.0.0.1:9 "$P_WEB_OUT" "$P_WEB_IN" "$P_WEB_ADMIN" >"$WORK/web.yaml"
 sidecar_yaml backend "127.0.0.1:$P_NGINX" "$P_BE_OUT" "$P_BE_IN" "$P_BE_ADMIN" >"$WORK/backend.yaml"

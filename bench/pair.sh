@@ -230,22 +230,10 @@ start backend-nginx "$NGINX" -e "$WORK/backend.err" -c "$WORK/backend-nginx.conf
 wait_http "http://127.0.0.1:$P_NGINX/"
 
 # ---------------------------------------------------------------- certs, Outrider pair
-"$OUTRIDER" certs ca --out "$WORK/ca" >/dev/null
-for svc in web backend echo; do
-    "$OUTRIDER" certs issue --ca "$WORK/ca" --service "$svc" --out "$WORK/certs" >/dev/null
-done
-sidecar_yaml() { # service app out in admin
-    cat <<EOF
-service: $1
-app: $2
-listen: { outbound: 127.0.0.1:$3, inbound: 127.0.0.1:$4, admin: 127.0.0.1:$5 }
-tls: { ca: $WORK/ca/ca.pem, cert: $WORK/certs/$1.pem, key: $WORK/certs/$1-key.pem }
-discovery:
-  services:
-    backend: { endpoints: ["127.0.0.1:$P_BE_IN"] }
-    echo: { endpoints: ["127.0.0.1:$P_EC_IN"] }
-EOF
-}
+declare -A ENDPOINTS=([backend]=$P_BE_IN [echo]=$P_EC_IN)
+# shellcheck source=bench/pair-configs.sh
+source "$ROOT/bench/pair-configs.sh"
+mint_certs web backend echo
 sidecar_yaml web 127.0.0.1:9 "$P_WEB_OUT" "$P_WEB_IN" "$P_WEB_ADMIN" >"$WORK/web.yaml"
 sidecar_yaml backend "127.0.0.1:$P_NGINX" "$P_BE_OUT" "$P_BE_IN" "$P_BE_ADMIN" >"$WORK/backend.yaml"
 start outrider-web "$OUTRIDER" run -c "$WORK/web.yaml" --log-format json --log-level warn
