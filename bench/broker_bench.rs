@@ -153,24 +153,28 @@ async fn main() -> Result<(), Error> {
     };
     let full = med("full");
     println!("\nmedians of {rounds} rounds, msg/s (1 KiB persistent messages, N = {n}):");
-    println!("  publish raw, fully pipelined (upper bound)       {full:>8.0}");
-    for (raw_key, via_key, c) in KEYS {
-        let (raw, via) = (med(raw_key), med(via_key));
+    if do_publish {
+        println!("  publish raw, fully pipelined (upper bound)       {full:>8.0}");
+        for (raw_key, via_key, c) in KEYS {
+            let (raw, via) = (med(raw_key), med(via_key));
+            println!(
+                "  publish c={c}: raw {raw:>8.0}   via sidecar HTTP {via:>8.0}   = {:>3.0} % of raw at c={c}, {:>3.0} % of fully pipelined",
+                100.0 * via / raw,
+                100.0 * via / full
+            );
+        }
+    }
+    if do_deliver {
+        let (inline, spawned, deliver) = (med("inline"), med("spawned"), med("deliver"));
         println!(
-            "  publish c={c}: raw {raw:>8.0}   via bridge HTTP {via:>8.0}   = {:>3.0} % of raw at c={c}, {:>3.0} % of fully pipelined",
-            100.0 * via / raw,
-            100.0 * via / full
+            "  consume+ack raw (prefetch {prefetch}): acks inline {inline:>8.0}, acks spawned {spawned:>8.0}"
+        );
+        println!(
+            "  delivery via sidecar to app (prefetch {prefetch}) {deliver:>8.0}   = {:>3.0} % of inline-ack raw, {:>3.0} % of spawned-ack raw",
+            100.0 * deliver / inline,
+            100.0 * deliver / spawned
         );
     }
-    let (inline, spawned, deliver) = (med("inline"), med("spawned"), med("deliver"));
-    println!(
-        "  consume+ack raw (prefetch {prefetch}): acks inline {inline:>8.0}, acks spawned {spawned:>8.0}"
-    );
-    println!(
-        "  delivery via bridge to app (prefetch {prefetch}) {deliver:>8.0}   = {:>3.0} % of inline-ack raw, {:>3.0} % of spawned-ack raw",
-        100.0 * deliver / inline,
-        100.0 * deliver / spawned
-    );
 
     // Every queue of this run, retry holding queues included.
     let listed = tokio::process::Command::new("rabbitmqctl")
