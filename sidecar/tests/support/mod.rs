@@ -24,8 +24,16 @@ pub fn init() {
 
 /// A free port on 127.0.0.1 (bound and released; collisions between tests are unlikely).
 pub fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
+    let [addr] = free_addrs();
+    addr
+}
+
+/// `N` distinct free ports on 127.0.0.1: all are held until every one is chosen, since a port
+/// released at once may be handed out again by the next bind (seen: admin == outbound).
+pub fn free_addrs<const N: usize>() -> [SocketAddr; N] {
+    let held: [TcpListener; N] =
+        std::array::from_fn(|_| TcpListener::bind("127.0.0.1:0").expect("bind"));
+    held.map(|l| l.local_addr().expect("addr"))
 }
 
 /// A mesh CA and workload certificates in a temp dir.
@@ -89,10 +97,11 @@ pub struct Ports {
 
 impl Ports {
     pub fn new() -> Self {
+        let [outbound, inbound, admin] = free_addrs();
         Self {
-            outbound: free_addr(),
-            inbound: free_addr(),
-            admin: free_addr(),
+            outbound,
+            inbound,
+            admin,
         }
     }
 
