@@ -1,10 +1,13 @@
 //! Broker bridge benchmark: raw lapin against the same work through the bridge, in one run.
 //!
 //! 1. publish, raw: one confirm-mode channel, persistent 1 KiB messages, C concurrent publishers
-//!    each awaiting its own confirm (C = the HTTP concurrency it is compared with), and fully
-//!    pipelined (everything sent, then every confirm awaited: the upper bound);
+//!    each awaiting its own confirm (C = the HTTP concurrency it is compared with), twice: with a
+//!    minimal message, and with the same message the bridge sends (the CONTRACT §5 properties
+//!    and `mandatory`), which RabbitMQ confirms more slowly; and fully pipelined (everything
+//!    sent, then every confirm awaited: the upper bound);
 //! 2. publish through a sidecar's HTTP API (`POST /v1/queues/{q}` on its outbound listener) at 16,
-//!    32 and 64 concurrent keep-alive connections, each request answered after its confirm;
+//!    32 and 64 concurrent keep-alive connections, each request answered after its confirm
+//!    (`BENCH_HTTP=2`: C streams on one HTTP/2 connection instead);
 //! 3. consume + ack, raw, prefetch P, from a backlog of N;
 //! 4. delivery through a sidecar to a trivial app (HTTP 200), prefetch P, from a backlog of N.
 //!
@@ -16,7 +19,7 @@
 //! every queue it makes is named `bench.<random>.*` and deleted at the end.
 //! Environment: `BENCH_N` (messages per run, default 20000), `BENCH_PREFETCH` (default 64),
 //! `BENCH_ROUNDS` (default 3), `BENCH_AMQP` (default `amqp://guest:guest@127.0.0.1:5672/%2f`),
-//! `BENCH_ONLY=publish` or `deliver` to run one half (for profiling it).
+//! `BENCH_ONLY=publish` or `deliver` to run one half (for profiling it), `BENCH_HTTP=2`.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -29,7 +32,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -96,24 +99,30 @@ async fn main() -> Result<(), Error> {
          \x20   - {{ queue: {work_q}, deliver: /work, prefetch: {prefetch} }}\n",
         app.addr
     );
-    const KEYS: [(&str, &str, &str); 3] = [
-        ("raw16", "via16", "16"),
-        ("raw32", "via32", "32"),
-        ("raw64", "via64", "64"),
+    // (raw minimal message, raw same message as the bridge, through the sidecar, concurrency)
+    const KEYS: [(&str, &str, &str, &str); 3] = [
+        ("raw16", "same16", "via16", "16"),
+        ("raw32", "same32", "via32", "32"),
+        ("raw64", "same64", "via64", "64"),
     ];
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let http2 = std::env::var("BENCH_HTTP").is_ok_and(|v| v == "2");
     let (do_publish, do_deliver) = (only != "deliver", only != "publish");
     for round in 1..=rounds {
         if do_publish {
             let full = raw_publish(&ch, &raw_q, n, usize::MAX, &payload).await?;
             purge(&ch, &raw_q).await?;
             m.entry("full").or_default().push(full);
-            for (raw_key, via_key, c) in KEYS {
+            for (raw_key, same_key, via_key, c) in KEYS {
                 let c: usize = c.parse()?;
-                let raw = raw_concurrent(&ch, &raw_q, n, c, &payload).await?;
+                let raw = raw_concurrent(&ch, &raw_q, n, c, &payload, RawMessage::Minimal).await?;
                 purge(&ch, &raw_q).await?;
+                let same =
+                    raw_concurrent(&ch, &raw_q, n, c, &payload, RawMessage::AsBridge).await?;
+                purge(&ch, &raw_q).await?;
+                m.entry(same_key).or_default().push(same);
                 let path = format!("/v1/queues/{bridge_q}");
-                let via = http_publish(addr, &path, n, c, &payload).await?;
+                let via = http_publish(addr, &path, n, c, &payload, http2).await?;
                 purge(&ch, &bridge_q).await?;
                 m.entry(raw_key).or_default().push(raw);
                 m.entry(via_key).or_default().push(via);
@@ -155,11 +164,12 @@ async fn main() -> Result<(), Error> {
     println!("\nmedians of {rounds} rounds, msg/s (1 KiB persistent messages, N = {n}):");
     if do_publish {
         println!("  publish raw, fully pipelined (upper bound)       {full:>8.0}");
-        for (raw_key, via_key, c) in KEYS {
-            let (raw, via) = (med(raw_key), med(via_key));
+        for (raw_key, same_key, via_key, c) in KEYS {
+            let (raw, same, via) = (med(raw_key), med(same_key), med(via_key));
             println!(
-                "  publish c={c}: raw {raw:>8.0}   via sidecar HTTP {via:>8.0}   = {:>3.0} % of raw at c={c}, {:>3.0} % of fully pipelined",
+                "  publish c={c}: raw {raw:>6.0} (same message {same:>6.0})   via sidecar HTTP {via:>6.0}   = {:>3.0} % of raw, {:>3.0} % of raw same message, {:>3.0} % of fully pipelined",
                 100.0 * via / raw,
+                100.0 * via / same,
                 100.0 * via / full
             );
         }
@@ -270,6 +280,42 @@ async fn raw_publish(
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
+/// What the raw client publishes.
+#[derive(Clone, Copy)]
+enum RawMessage {
+    /// Persistent, correlation id and content type only: the least a client can send.
+    Minimal,
+    /// What the bridge sends for `POST /v1/queues/{q}` (CONTRACT §5): the minimal properties
+    /// plus `message_id` (a UUID), `timestamp`, `app_id` and `type`, and `mandatory` (so a
+    /// deleted work queue is a 503, not a lost message). The like-for-like baseline.
+    AsBridge,
+}
+
+impl RawMessage {
+    fn publish(self, i: usize, queue: &str) -> (BasicPublishOptions, BasicProperties) {
+        match self {
+            RawMessage::Minimal => (BasicPublishOptions::default(), props(i)),
+            RawMessage::AsBridge => (
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                props(i)
+                    .with_message_id(uuid::Uuid::new_v4().to_string().into())
+                    .with_timestamp(unix_now())
+                    .with_app_id("bench".into())
+                    .with_type(queue.into()),
+            ),
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// `concurrency` tasks share the channel, each publishing and awaiting its own confirm in a
 /// loop: what the bridge does for concurrent requests, minus HTTP.
 async fn raw_concurrent(
@@ -278,6 +324,7 @@ async fn raw_concurrent(
     n: usize,
     concurrency: usize,
     payload: &[u8],
+    message: RawMessage,
 ) -> Result<f64, Error> {
     let next = Arc::new(AtomicUsize::new(0));
     let payload = Bytes::copy_from_slice(payload);
@@ -291,14 +338,9 @@ async fn raw_concurrent(
                 if i >= n {
                     return Ok::<(), Error>(());
                 }
+                let (options, properties) = message.publish(i, &q);
                 let confirm = ch
-                    .basic_publish(
-                        "".into(),
-                        q.as_str().into(),
-                        BasicPublishOptions::default(),
-                        &payload,
-                        props(i),
-                    )
+                    .basic_publish("".into(), q.as_str().into(), options, &payload, properties)
                     .await?;
                 if !confirm_await(confirm).await?.is_ack() {
                     return Err("nack".into());
@@ -438,33 +480,62 @@ async fn ready(admin: SocketAddr) -> bool {
         .is_ok_and(|r| r.status().is_success())
 }
 
-/// `concurrency` keep-alive HTTP/1.1 connections POSTing until `n` requests got 202.
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+/// `concurrency` keep-alive HTTP/1.1 connections (or, with `http2`, streams on one HTTP/2
+/// connection) POSTing until `n` requests got 202.
 async fn http_publish(
     addr: SocketAddr,
     path: &str,
     n: usize,
     concurrency: usize,
     payload: &[u8],
+    http2: bool,
 ) -> Result<f64, Error> {
     let next = Arc::new(AtomicUsize::new(0));
     let payload = Bytes::copy_from_slice(payload);
     let started = Instant::now();
     let mut tasks = Vec::new();
+    // HTTP/2: one connection, `concurrency` streams on it (as a gRPC-style client does).
+    let h2 = if http2 {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        Some(send)
+    } else {
+        None
+    };
     for _ in 0..concurrency {
         let next = next.clone();
         let payload = payload.clone();
         let path = path.to_string();
+        let h2 = h2.clone();
         tasks.push(tokio::spawn(async move {
-            let tcp = tokio::net::TcpStream::connect(addr).await?;
-            tcp.set_nodelay(true)?;
-            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-            tokio::spawn(conn);
+            let mut send = match h2 {
+                Some(send) => Sender::H2(send),
+                None => {
+                    let tcp = tokio::net::TcpStream::connect(addr).await?;
+                    tcp.set_nodelay(true)?;
+                    let (send, conn) =
+                        hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+                    tokio::spawn(conn);
+                    Sender::H1(send)
+                }
+            };
             while next.fetch_add(1, Ordering::Relaxed) < n {
                 let req = http::Request::post(path.as_str())
                     .header("host", "localhost")
                     .header("content-type", "application/octet-stream")
                     .body(Full::new(payload.clone()))?;
-                let resp = send.send_request(req).await?;
+                let resp = match &mut send {
+                    Sender::H1(s) => s.send_request(req).await?,
+                    Sender::H2(s) => s.send_request(req).await?,
+                };
                 let status = resp.status();
                 resp.into_body().collect().await?;
                 if status != http::StatusCode::ACCEPTED {

@@ -4,6 +4,9 @@
 //! with that prefix; they are deleted at the end. The bridge is served by a small hyper server
 //! calling `Bridge::handle`, as the outbound listener does.
 
+#[path = "support/ports.rs"]
+mod ports;
+
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -23,6 +26,7 @@ use lapin::{Connection, ConnectionProperties};
 use outrider::broker::Bridge;
 use outrider::config::Config;
 use outrider::metrics::Metrics;
+use ports::free_addrs;
 
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -1146,13 +1150,6 @@ async fn graceful_shutdown_mid_stream_acks_all_the_app_accepted() {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 async fn wait_http_ready(admin: SocketAddr, within: Duration) {
     let deadline = Instant::now() + within;
     let c = client();
@@ -1631,19 +1628,17 @@ fn process_config(
     SocketAddr,
     SocketAddr,
 ) {
-    let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let outbound: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let [admin, outbound, inbound] = free_addrs();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("outrider.yaml");
     std::fs::write(
         &path,
         format!(
             "service: svc\nnamespace: {ns}\napp: {app}\ntls: {{ mode: disabled }}\n\
-             listen: {{ outbound: {outbound}, inbound: 127.0.0.1:{inb}, admin: {admin} }}\n\
+             listen: {{ outbound: {outbound}, inbound: {inbound}, admin: {admin} }}\n\
              shutdown_grace: 1s\n\
              broker:\n  url: {AMQP}\n  exchange: {ns}.x\n  publishes: [e]\n  subscriptions:\n\
              \x20   - {{ event: e, deliver: /events/e, prefetch: 32, max_attempts: 5, retry_backoff: {{ base: {backoff_base}, max: 1s }} }}\n",
-            inb = free_port(),
         ),
     )
     .expect("write config");

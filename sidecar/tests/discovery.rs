@@ -1,6 +1,9 @@
 //! Discovery against a real DNS server: hickory-server, in process, on a loopback port (UDP and
 //! TCP), authoritative for `mesh.test.`. Each test has its own server and port.
 
+#[path = "support/ports.rs"]
+mod ports;
+
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
@@ -16,6 +19,7 @@ use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneHandler, ZoneType};
 use outrider::config::{self, Config};
 use outrider::discovery::{Discovery, EndpointState, Resolution, ServiceTarget};
 use outrider::metrics::Metrics;
+use ports::{free_addrs, free_port};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -685,13 +689,6 @@ discovery:
 }
 
 /// A free loopback port (bound and released: a tiny race, fine on a test machine).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 /// An HTTP backend on `ip:port` that answers every request with its `name`.
 async fn backend(ip: [u8; 4], port: u16, name: &'static str) -> JoinHandle<()> {
     let listener = TcpListener::bind(SocketAddr::from((ip, port)))
@@ -1012,7 +1009,7 @@ async fn dns_sidecar(
     port: u16,
     stale_for: &str,
 ) -> (tempfile::TempDir, Sidecar, Client, SocketAddr, SocketAddr) {
-    let (outbound, inbound, admin) = (free_port(), free_port(), free_port());
+    let [outbound, inbound, admin] = free_addrs().map(|a| a.port());
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("outrider.yaml");
     let yaml = format!(

@@ -5,6 +5,9 @@
 //! flags, `CASE.out.yaml` the expected stdout and `CASE.report` the expected stderr.
 //! `UPDATE_GOLDEN=1 cargo test -p outrider --test inject` rewrites the expectations.
 
+#[path = "support/ports.rs"]
+mod ports;
+
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -13,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use ports::{free_addrs, free_port};
 use serde_json::{Value, json};
 
 const IMAGE: &str = "ghcr.io/outrider/outrider:0.1.0";
@@ -432,13 +436,6 @@ fn certs(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
         out.join("outrider-injector-key.pem"),
         ca_pem,
     )
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 async fn start_injector(extra: &[&str]) -> Injector {
@@ -891,14 +888,13 @@ fn run_injected_sidecar(case: &str, configmap: Option<&str>) -> String {
     std::fs::copy(cert, identity.join("tls.crt")).expect("tls.crt");
     std::fs::copy(key, identity.join("tls.key")).expect("tls.key");
 
-    let mut listen = std::collections::HashMap::new();
-    for name in [
+    let names = [
         "OUTRIDER_LISTEN_OUTBOUND",
         "OUTRIDER_LISTEN_INBOUND",
         "OUTRIDER_LISTEN_ADMIN",
-    ] {
-        listen.insert(name, SocketAddr::from(([127, 0, 0, 1], free_port())));
-    }
+    ];
+    let listen: std::collections::HashMap<_, _> =
+        names.into_iter().zip(free_addrs::<3>()).collect();
     let admin = listen["OUTRIDER_LISTEN_ADMIN"];
     let mut command = outrider();
     let moved = |s: &str| {

@@ -3,8 +3,13 @@
 #![allow(dead_code)]
 
 pub mod apps;
+mod ports;
 
-use std::net::{SocketAddr, TcpListener};
+// Not every test binary takes both.
+#[allow(unused_imports)]
+pub use ports::{free_addr, free_addrs};
+
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,20 +25,6 @@ pub fn bin() -> String {
 /// Installs the ring provider once; reqwest and rustls need a process default.
 pub fn init() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-/// A free port on 127.0.0.1 (bound and released; collisions between tests are unlikely).
-pub fn free_addr() -> SocketAddr {
-    let [addr] = free_addrs();
-    addr
-}
-
-/// `N` distinct free ports on 127.0.0.1: all are held until every one is chosen, since a port
-/// released at once may be handed out again by the next bind (seen: admin == outbound).
-pub fn free_addrs<const N: usize>() -> [SocketAddr; N] {
-    let held: [TcpListener; N] =
-        std::array::from_fn(|_| TcpListener::bind("127.0.0.1:0").expect("bind"));
-    held.map(|l| l.local_addr().expect("addr"))
 }
 
 /// A mesh CA and workload certificates in a temp dir.
