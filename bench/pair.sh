@@ -94,7 +94,9 @@ HAPROXY="$(command -v haproxy || echo /usr/sbin/haproxy)"
 # ---------------------------------------------------------------- build
 if [[ $BUILD == 1 ]]; then
     log "cargo build --release -p outrider -p loadgen (target $TARGET_DIR)"
-    (cd "$ROOT" && cargo build --release -q -p outrider -p loadgen)
+    # Separately: built together, loadgen's dependencies would unify extra features into the
+    # sidecar, and the binary measured would not be the one `cargo build --release` gives.
+    (cd "$ROOT" && cargo build --release -q -p outrider && cargo build --release -q -p loadgen)
 fi
 OUTRIDER="$TARGET_DIR/release/outrider"
 LOADGEN="$TARGET_DIR/release/loadgen"

@@ -23,7 +23,8 @@ BASE="${BENCH_PORT_BASE:-21300}"
 # shellcheck source=bench/require.sh
 source "$ROOT/bench/require.sh"
 require profile.sh perf wrk nginx curl
-(cd "$ROOT" && cargo build --profile profiling -q -p outrider -p loadgen)
+# Separately, so loadgen's dependencies do not unify extra features into the sidecar.
+(cd "$ROOT" && cargo build --profile profiling -q -p outrider && cargo build --profile profiling -q -p loadgen)
 OUTRIDER="$TARGET_DIR/profiling/outrider"
 LOADGEN="$TARGET_DIR/profiling/loadgen"
 RATE="${PROFILE_RATE:-}"

@@ -14,7 +14,8 @@ target=${CARGO_TARGET_DIR:-target}
 base=${BENCH_PORT_BASE:-21950}
 app=$base c_out=$((base + 1)) c_in=$((base + 2)) c_admin=$((base + 3))
 w_out=$((base + 4)) w_in=$((base + 5)) w_admin=$((base + 6))
-cargo build --release -q -p outrider -p loadgen
+# Separately, so loadgen's dependencies do not unify extra features into the sidecar.
+cargo build --release -q -p outrider && cargo build --release -q -p loadgen
 bin="$target/release/outrider"
 loadgen="$target/release/loadgen"
 work=$(mktemp -d)
