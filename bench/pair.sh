@@ -93,7 +93,7 @@ HAPROXY="$(command -v haproxy || echo /usr/sbin/haproxy)"
 
 # ---------------------------------------------------------------- build
 if [[ $BUILD == 1 ]]; then
-    log "cargo build --release -p outrider -p loadgen (target $TARGET_DIR)"
+    log "cargo build --release -p outrider, then -p loadgen (target $TARGET_DIR)"
     # Separately: built together, loadgen's dependencies would unify extra features into the
     # sidecar, and the binary measured would not be the one `cargo build --release` gives.
     (cd "$ROOT" && cargo build --release -q -p outrider && cargo build --release -q -p loadgen)

@@ -243,6 +243,21 @@ impl Amqp {
         }
     }
 
+    /// Publishes `payload` to the namespace's exchange with routing key `event`, as another
+    /// service would, without the bridge.
+    async fn publish_event(&self, event: &str, payload: &[u8], props: lapin::BasicProperties) {
+        self.ch
+            .basic_publish(
+                format!("{}.x", self.ns).as_str().into(),
+                event.into(),
+                lapin::options::BasicPublishOptions::default(),
+                payload,
+                props,
+            )
+            .await
+            .expect("publish");
+    }
+
     /// Waits for one message on `queue` and takes it.
     async fn get(&self, queue: &str, within: Duration) -> Option<lapin::message::BasicGetMessage> {
         let deadline = Instant::now() + within;
@@ -1083,16 +1098,8 @@ async fn shutdown_stops_consuming_and_refuses_publishes() {
     assert_eq!(resp.status(), 503);
     // Nothing consumes any more: a message published now stays in the queue.
     let amqp = Amqp::connect(&ns).await;
-    amqp.ch
-        .basic_publish(
-            format!("{ns}.x").as_str().into(),
-            ShortString::from("e"),
-            lapin::options::BasicPublishOptions::default(),
-            b"after",
-            lapin::BasicProperties::default(),
-        )
-        .await
-        .expect("publish");
+    amqp.publish_event("e", b"after", lapin::BasicProperties::default())
+        .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(amqp.count(&format!("{ns}.svc.e")).await, 1);
     assert_eq!(app.seen().len(), 1);
@@ -1113,16 +1120,12 @@ async fn graceful_shutdown_mid_stream_acks_all_the_app_accepted() {
     let amqp = Amqp::connect(&ns).await;
     const N: usize = 400;
     for i in 0..N {
-        amqp.ch
-            .basic_publish(
-                format!("{ns}.x").as_str().into(),
-                ShortString::from("e"),
-                lapin::options::BasicPublishOptions::default(),
-                format!("{i}").as_bytes(),
-                lapin::BasicProperties::default().with_correlation_id(format!("m{i}").into()),
-            )
-            .await
-            .expect("publish");
+        amqp.publish_event(
+            "e",
+            format!("{i}").as_bytes(),
+            lapin::BasicProperties::default().with_correlation_id(format!("m{i}").into()),
+        )
+        .await;
     }
     app.wait_for(40, Duration::from_secs(10)).await;
     bridge.shutdown().await;

@@ -688,7 +688,6 @@ discovery:
     assert!(r.endpoints().contains(&want), "{r:?}");
 }
 
-/// A free loopback port (bound and released: a tiny race, fine on a test machine).
 /// An HTTP backend on `ip:port` that answers every request with its `name`.
 async fn backend(ip: [u8; 4], port: u16, name: &'static str) -> JoinHandle<()> {
     let listener = TcpListener::bind(SocketAddr::from((ip, port)))
