@@ -1,15 +1,12 @@
 //! The admin listener (CONTRACT §6): `/live`, `/ready`, `/metrics`, `/config`, `/endpoints`,
 //! `POST /shutdown`. Binds to loopback by default; `/shutdown` answers loopback callers only.
 
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -31,7 +28,6 @@ pub struct Admin {
 }
 
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: watch::Receiver<bool>) {
-    let builder = crate::proxy::server::http_builder(&admin.shared.config.load().limits);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -42,13 +38,10 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: watch::Re
             continue;
         };
         let admin = admin.clone();
-        let builder = builder.clone();
+        let limits = admin.shared.config.load().limits;
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let admin = admin.clone();
-                async move { Ok::<_, Infallible>(route(&admin, remote, req)) }
-            });
-            let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+            let handle = move |req| std::future::ready(route(&admin, remote, req));
+            crate::proxy::server::serve_http(tcp, &limits, handle, std::future::pending()).await;
         });
     }
 }

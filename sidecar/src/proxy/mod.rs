@@ -7,6 +7,7 @@
 pub mod http;
 pub mod inbound;
 pub mod outbound;
+mod park;
 pub mod pool;
 pub mod route;
 pub mod server;

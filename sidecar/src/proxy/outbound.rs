@@ -416,7 +416,13 @@ fn connect(shared: Arc<Shared>, listener: SocketAddr, req: Request<Incoming>) ->
     let target: Arc<str> = Arc::from(target);
     tokio::spawn(async move {
         if let Ok(upgraded) = on_upgrade.await {
-            server::serve_tunnel(shared, listener, target, upgraded).await;
+            server::serve_tunnel(
+                shared,
+                listener,
+                target,
+                hyper_util::rt::TokioIo::new(upgraded),
+            )
+            .await;
         }
     });
     Response::new(empty())

@@ -1,49 +1,260 @@
 //! Listeners: accept loops, the HTTP server settings both listeners share (head limits, slow
-//! clients, HTTP/2 stream limits), the inbound TLS handshake, and graceful draining.
+//! clients, HTTP/2 stream limits), HTTP/1.1 vs h2c detection, the inbound TLS handshake, and
+//! graceful draining. Outbound HTTP/1.1 connections are parked between requests ([`super::park`]).
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
 
 use super::inbound::{self, Peer};
-use super::{Shared, outbound};
+use super::{Shared, outbound, park};
 use crate::config::Limits;
 
-/// The HTTP/1.1 + h2c server settings for a listener.
-pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // hyper answers 431 itself past its buffer; heads between `max_header_bytes` and that get
-    // the sidecar's JSON 431 from the request path.
-    let buffer = (limits.max_header_bytes as usize)
-        .saturating_add(16 * 1024)
-        .max(8192);
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(buffer)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(1024)
-        // Rapid-reset floods: cap resets a client may cause before the connection is closed.
-        .max_pending_accept_reset_streams(Some(64))
-        .max_local_error_reset_streams(Some(256))
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .adaptive_window(true);
-    builder
+/// The HTTP/1.1 and HTTP/2 server settings of a listener, from `limits`.
+struct Settings {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+    /// How long a connection may sit without a request (`limits.header_read_timeout`).
+    idle_timeout: Duration,
+}
+
+impl Settings {
+    fn new(limits: &Limits) -> Self {
+        let mut http1 = http1::Builder::new();
+        // hyper answers 431 itself past its buffer; heads between `max_header_bytes` and that
+        // get the sidecar's JSON 431 from the request path.
+        let buffer = (limits.max_header_bytes as usize)
+            .saturating_add(16 * 1024)
+            .max(8192);
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(buffer)
+            .keep_alive(true);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(1024)
+            // Rapid-reset floods: cap resets a client may cause before the connection is closed.
+            .max_pending_accept_reset_streams(Some(64))
+            .max_local_error_reset_streams(Some(256))
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .adaptive_window(true);
+        Self {
+            http1,
+            http2,
+            idle_timeout: limits.header_read_timeout,
+        }
+    }
+}
+
+/// The HTTP/2 connection preface; a connection that starts with it speaks h2c.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads a connection's first bytes, as far as needed to tell HTTP/2 (prior knowledge) from
+/// HTTP/1.1. Returns whether it is HTTP/2, and the bytes read.
+async fn sniff<S: AsyncRead + Unpin>(io: &mut S) -> io::Result<(bool, Bytes)> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let mut filled = 0;
+    loop {
+        let read = io.read(&mut buf[filled..]).await?;
+        filled += read;
+        let seen = &buf[..filled];
+        if read == 0 || seen != &H2_PREFACE[..filled] {
+            return Ok((false, Bytes::copy_from_slice(seen)));
+        }
+        if filled == H2_PREFACE.len() {
+            return Ok((true, Bytes::copy_from_slice(seen)));
+        }
+    }
+}
+
+/// An IO whose first bytes were already read: they are read again before the rest.
+pub(super) struct Prefixed<S> {
+    prefix: Bytes,
+    io: S,
+}
+
+impl<S> Prefixed<S> {
+    pub(super) fn new(prefix: Bytes, io: S) -> Self {
+        Self { prefix, io }
+    }
+
+    /// The IO back, with `unread` (bytes taken from this IO but not consumed) put in front of
+    /// what is left of the prefix.
+    pub(super) fn into_parts(self, unread: Bytes) -> (S, Bytes) {
+        let prefix = match (unread.is_empty(), self.prefix.is_empty()) {
+            // An empty `unread` may still hold a whole read buffer: drop it.
+            (true, _) => self.prefix,
+            (false, true) => unread,
+            (false, false) => {
+                let mut both = BytesMut::with_capacity(unread.len() + self.prefix.len());
+                both.extend_from_slice(&unread);
+                both.extend_from_slice(&self.prefix);
+                both.freeze()
+            }
+        };
+        (self.io, prefix)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                // Release the buffer the prefix was cut from.
+                self.prefix = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// A hyper connection that can be asked to finish what it has in flight and close.
+trait Drainable: Future<Output = hyper::Result<()>> {
+    fn start_drain(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> Drainable for http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn start_drain(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B> Drainable for http2::Connection<I, S, TokioExecutor>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: Send + 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn start_drain(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Runs a connection to its end; once `stop` resolves, it finishes what is in flight and closes.
+async fn until_drained(conn: impl Drainable, stop: impl Future<Output = ()>) {
+    let mut conn = pin!(conn);
+    let mut stop = pin!(stop);
+    let mut draining = false;
+    std::future::poll_fn(|cx| {
+        if !draining && stop.as_mut().poll(cx).is_ready() {
+            draining = true;
+            conn.as_mut().start_drain();
+        }
+        conn.as_mut().poll(cx).map(|_| ())
+    })
+    .await;
+}
+
+/// Serves HTTP/1.1 (with upgrades) or h2c, whichever the client speaks, with `handle` answering
+/// each request; once `stop` resolves, in-flight requests finish and the connection closes.
+pub async fn serve_http<I, H, F>(
+    mut io: I,
+    limits: &Limits,
+    handle: H,
+    stop: impl Future<Output = ()>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(hyper::Request<hyper::body::Incoming>) -> F + Send + Sync + Clone + 'static,
+    F: Future<Output = hyper::Response<super::http::Body>> + Send + 'static,
+{
+    let settings = Settings::new(limits);
+    let Ok(Ok((is_h2, prefix))) = tokio::time::timeout(settings.idle_timeout, sniff(&mut io)).await
+    else {
+        return;
+    };
+    // Boxed: see `serve_outbound`.
+    let service = service_fn(move |req| {
+        let response = handle(req);
+        Box::pin(async move { Ok::<_, Infallible>(response.await) })
+    });
+    let io = TokioIo::new(Prefixed::new(prefix, io));
+    if is_h2 {
+        until_drained(settings.http2.serve_connection(io, service), stop).await;
+    } else {
+        let conn = settings.http1.serve_connection(io, service).with_upgrades();
+        until_drained(conn, stop).await;
+    }
+}
+
+/// Counts a listener's open connections, so that draining can wait for them.
+#[derive(Clone)]
+struct Open(#[allow(dead_code)] mpsc::Sender<()>);
+
+/// Waits until every [`Open`] handle is dropped, or `grace` passes.
+async fn drain(open: Open, mut closed: mpsc::Receiver<()>, grace: Duration) {
+    drop(open);
+    if tokio::time::timeout(grace, closed.recv()).await.is_err() {
+        tracing::warn!(
+            ?grace,
+            "connections still open after the shutdown grace period"
+        );
+    }
 }
 
 /// Resolves when the shutdown signal is raised.
@@ -61,7 +272,8 @@ pub async fn serve_outbound(
     let local = listener
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
-    let graceful = GracefulShutdown::new();
+    let (open, closed) = mpsc::channel(1);
+    let open = Open(open);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -77,39 +289,57 @@ pub async fn serve_outbound(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let shared_conn = shared.clone();
-        let builder = http_builder(&shared.config.load().limits);
-        let service = service_fn(move |req| {
-            let shared = shared_conn.clone();
-            // Boxed: the request's whole stack is one large future, which hyper would otherwise
-            // move by value (memcpy) into and out of its connection state on every request.
-            Box::pin(async move {
-                Ok::<_, Infallible>(outbound::handle(shared, local, None, req).await)
-            })
-        });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(tcp), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let shared = shared.clone();
+        let stop = signalled(shutdown.clone());
+        let open = open.clone();
         tokio::spawn(async move {
-            let _ = conn.await;
+            serve_outbound_conn(tcp, shared, local, stop).await;
+            drop(open);
         });
     }
-    drain(graceful, grace).await;
+    drain(open, closed, grace).await;
+}
+
+async fn serve_outbound_conn(
+    mut tcp: TcpStream,
+    shared: Arc<Shared>,
+    local: SocketAddr,
+    stop: impl Future<Output = ()>,
+) {
+    let settings = Settings::new(&shared.config.load().limits);
+    let Ok(Ok((is_h2, prefix))) =
+        tokio::time::timeout(settings.idle_timeout, sniff(&mut tcp)).await
+    else {
+        return;
+    };
+    let handle = move |req| outbound::handle(shared.clone(), local, None, req);
+    if is_h2 {
+        // Boxed: over HTTP/2 hyper spawns a task per stream holding this future; a large
+        // future is copied several times on the way (measured with bench/callgrind.sh).
+        let service = service_fn(move |req| {
+            let response = handle(req);
+            Box::pin(async move { Ok::<_, Infallible>(response.await) })
+        });
+        let io = TokioIo::new(Prefixed::new(prefix, tcp));
+        until_drained(settings.http2.serve_connection(io, service), stop).await;
+    } else {
+        let Settings {
+            http1,
+            idle_timeout,
+            ..
+        } = settings;
+        park::serve(tcp, prefix, http1, idle_timeout, handle, stop).await;
+    }
 }
 
 /// Serves HTTP inside an outbound `CONNECT` tunnel.
 pub async fn serve_tunnel<I>(shared: Arc<Shared>, listener: SocketAddr, target: Arc<str>, io: I)
 where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let builder = http_builder(&shared.config.load().limits);
-    let service = service_fn(move |req| {
-        let shared = shared.clone();
-        let target = target.clone();
-        async move { Ok::<_, Infallible>(outbound::handle(shared, listener, Some(target), req).await) }
-    });
-    let _ = builder.serve_connection_with_upgrades(io, service).await;
+    let limits = shared.config.load().limits;
+    let handle = move |req| outbound::handle(shared.clone(), listener, Some(target.clone()), req);
+    serve_http(io, &limits, handle, std::future::pending()).await;
 }
 
 /// Serves the inbound listener: TLS handshake (when mTLS is on), then HTTP to the app.
@@ -119,7 +349,8 @@ pub async fn serve_inbound(
     shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let graceful = Arc::new(GracefulShutdown::new());
+    let (open, closed) = mpsc::channel(1);
+    let open = Open(open);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -135,7 +366,8 @@ pub async fn serve_inbound(
         };
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
-        let graceful = graceful.clone();
+        let stop = signalled(shutdown.clone());
+        let open = open.clone();
         tokio::spawn(async move {
             match shared.tls.clone() {
                 Some(tls) => {
@@ -155,14 +387,14 @@ pub async fn serve_inbound(
                     };
                     let peer =
                         Peer::new(crate::tls::peer_id(stream.get_ref().1.peer_certificates()));
-                    serve_peer(shared, Arc::new(peer), stream, graceful).await;
+                    serve_peer(shared, Arc::new(peer), stream, stop).await;
                 }
-                None => serve_peer(shared, Arc::new(Peer::new(None)), tcp, graceful).await,
+                None => serve_peer(shared, Arc::new(Peer::new(None)), tcp, stop).await,
             }
+            drop(open);
         });
     }
-    // Handshakes in progress hold a clone for at most the handshake timeout.
-    drain_shared(graceful, grace).await;
+    drain(open, closed, grace).await;
 }
 
 fn handshake_failed(shared: &Shared, remote: SocketAddr, reason: &str) {
@@ -178,57 +410,11 @@ async fn serve_peer<S>(
     shared: Arc<Shared>,
     peer: Arc<Peer>,
     stream: S,
-    graceful: Arc<GracefulShutdown>,
+    stop: impl Future<Output = ()>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let builder = http_builder(&shared.config.load().limits);
-    let service = service_fn(move |req| {
-        let shared = shared.clone();
-        let peer = peer.clone();
-        // Boxed: over HTTP/2 hyper spawns a task per stream holding this future; a large
-        // future is copied several times on the way (measured with bench/callgrind.sh).
-        Box::pin(async move { Ok::<_, Infallible>(inbound::handle(shared, peer, req).await) })
-    });
-    let conn = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-        .into_owned();
-    let conn = graceful.watch(conn);
-    // Only the accept loop keeps the drain handle; see `drain_shared`.
-    drop(graceful);
-    let _ = conn.await;
-}
-
-async fn drain(graceful: GracefulShutdown, grace: Duration) {
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            ?grace,
-            "connections still open after the shutdown grace period"
-        );
-    }
-}
-
-async fn drain_shared(graceful: Arc<GracefulShutdown>, grace: Duration) {
-    let deadline = tokio::time::Instant::now() + grace;
-    let mut graceful = graceful;
-    loop {
-        match Arc::try_unwrap(graceful) {
-            Ok(owned) => {
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                drain(owned, left).await;
-                return;
-            }
-            Err(shared) => {
-                // A handshake is still under way; its connection will register in a moment.
-                if tokio::time::Instant::now() >= deadline {
-                    return;
-                }
-                graceful = shared;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
+    let limits = shared.config.load().limits;
+    let handle = move |req| inbound::handle(shared.clone(), peer.clone(), req);
+    serve_http(stream, &limits, handle, stop).await;
 }

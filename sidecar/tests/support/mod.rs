@@ -137,7 +137,8 @@ impl Sidecar {
 
     /// Starts without waiting for readiness.
     pub fn spawn(yaml: &str, ports: Ports, env: &[(&str, &str)]) -> Self {
-        Self::spawn_logging(yaml, ports, env, "info")
+        let level = std::env::var("OUTRIDER_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+        Self::spawn_logging(yaml, ports, env, &level)
     }
 
     fn spawn_logging(yaml: &str, ports: Ports, env: &[(&str, &str)], level: &str) -> Self {

@@ -1,0 +1,280 @@
+//! Outbound HTTP/1.1 keep-alive connections that hold no HTTP state while idle ("parking").
+//!
+//! hyper keeps an 8 KiB read buffer and an 8 KiB write buffer, plus its connection state, for as
+//! long as a connection is open, so 1,000 idle keep-alive connections from the app cost about
+//! 15 MiB. Like nginx, which frees a keep-alive connection's buffers between requests, this loop
+//! serves each burst of requests with a fresh hyper connection and, once hyper is idle between
+//! requests, takes the socket back ([`hyper::server::conn::http1::Parts`]) and drops the rest.
+//! A parked connection is a socket waiting to become readable. hyper has no setting for this,
+//! hence the hand-written loop.
+//!
+//! "Idle" is decided from hyper's own state: the session has answered a request, no request is
+//! in the service or streaming its response ([`Activity::in_flight`]), hyper's last read found
+//! nothing to read and nothing waits to be written. Then [`UpgradeableConnection::graceful_shutdown`] closes an idle hyper
+//! connection at once; [`SessionIo`] turns the shutdown it then asks for into a no-op, and the
+//! bytes hyper had read but not parsed (a pipelined request's first part) go in front of the
+//! socket for the next session. If hyper turns out not to be idle (a request body still
+//! arriving), the connection ends after that exchange, as a keep-alive connection may.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::server::conn::http1::{self, UpgradeableConnection};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::http::{Body, BoxError};
+use super::server::Prefixed;
+
+/// What the session loop needs to know about the hyper connection it drives. One per client
+/// connection; every field is touched only from that connection's task, so `Relaxed` is enough.
+#[derive(Default)]
+struct Activity {
+    /// Requests in the service, or whose response body hyper still holds.
+    in_flight: AtomicUsize,
+    /// A response of the current session has been sent. hyper counts a connection as busy until
+    /// its first exchange is over, so only then can it be idle.
+    answered: AtomicBool,
+    /// hyper's latest read attempt (in the current poll) found nothing to read.
+    read_pending: AtomicBool,
+    /// hyper's latest write or flush (in the current poll) could not finish.
+    write_pending: AtomicBool,
+    /// Parking: the shutdown hyper asks for must leave the socket open.
+    parking: AtomicBool,
+}
+
+/// Counts a request as in flight until its response body is dropped.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(activity: Arc<Activity>) -> Self {
+        activity.in_flight.fetch_add(1, Relaxed);
+        Self(activity)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+        self.0.answered.store(true, Relaxed);
+    }
+}
+
+/// A response body that keeps its request counted as in flight.
+struct Tracked {
+    body: Body,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The socket as one hyper session sees it: bytes read ahead first, and a record of whether
+/// hyper is waiting on it.
+struct SessionIo {
+    io: Prefixed<TcpStream>,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for SessionIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if polled.is_pending() {
+            self.activity.read_pending.store(true, Relaxed);
+        }
+        polled
+    }
+}
+
+impl SessionIo {
+    fn note<T>(&self, polled: Poll<T>) -> Poll<T> {
+        if polled.is_pending() {
+            self.activity.write_pending.store(true, Relaxed);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for SessionIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.note(polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.note(polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.note(polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.activity.parking.load(Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// How a hyper session ended.
+enum Ended {
+    /// Idle between requests: the socket is handed back.
+    Parked,
+    /// Closed, failed, drained or upgraded: nothing is left to serve.
+    Done,
+}
+
+/// Serves one HTTP/1.1 client connection (its first bytes already read into `prefix`) until it
+/// closes, parking it between requests. `handle` answers each request; `stop` resolves when the
+/// sidecar drains, after which in-flight requests finish and the connection closes.
+pub(super) async fn serve<H, F>(
+    tcp: TcpStream,
+    prefix: Bytes,
+    builder: http1::Builder,
+    idle_timeout: Duration,
+    handle: H,
+    stop: impl Future<Output = ()>,
+) where
+    H: Fn(Request<Incoming>) -> F + Send + Unpin + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let activity = Arc::new(Activity::default());
+    let counter = activity.clone();
+    let mut service = service_fn(move |req| {
+        let in_flight = InFlight::new(counter.clone());
+        let response = handle(req);
+        // Boxed: the request's whole stack is one large future, which hyper would otherwise move
+        // by value (memcpy) into and out of its connection state on every request.
+        Box::pin(async move {
+            let response = response.await;
+            Ok::<_, Infallible>(response.map(|body| Tracked {
+                body,
+                _in_flight: in_flight,
+            }))
+        })
+    });
+    let mut stop = pin!(stop);
+    let mut draining = false;
+    let (mut tcp, mut prefix) = (tcp, prefix);
+    loop {
+        if prefix.is_empty() {
+            tokio::select! {
+                biased;
+                () = stop.as_mut() => return,
+                readable = tcp.readable() => if readable.is_err() { return },
+                () = tokio::time::sleep(idle_timeout) => return,
+            }
+        }
+        activity.parking.store(false, Relaxed);
+        activity.answered.store(false, Relaxed);
+        let io = SessionIo {
+            io: Prefixed::new(prefix, tcp),
+            activity: activity.clone(),
+        };
+        let mut conn = builder
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        if let Ended::Done = drive(&mut conn, &activity, stop.as_mut(), &mut draining).await {
+            return;
+        }
+        let Some(parts) = conn.into_parts() else {
+            return;
+        };
+        (tcp, prefix) = parts.io.into_inner().io.into_parts(parts.read_buf);
+        service = parts.service;
+    }
+}
+
+/// Polls one hyper session until it ends, parking it once it is idle between requests.
+async fn drive<S>(
+    conn: &mut UpgradeableConnection<TokioIo<SessionIo>, S>,
+    activity: &Activity,
+    mut stop: Pin<&mut impl Future<Output = ()>>,
+    draining: &mut bool,
+) -> Ended
+where
+    S: hyper::service::HttpService<Incoming, ResBody = Tracked> + Unpin,
+    S::Error: Into<BoxError>,
+{
+    let mut closing = false;
+    std::future::poll_fn(|cx| {
+        if !*draining && stop.as_mut().poll(cx).is_ready() {
+            *draining = true;
+            Pin::new(&mut *conn).graceful_shutdown();
+        }
+        activity.read_pending.store(false, Relaxed);
+        activity.write_pending.store(false, Relaxed);
+        if Pin::new(&mut *conn).poll(cx).is_ready() {
+            return Poll::Ready(Ended::Done);
+        }
+        let idle = activity.in_flight.load(Relaxed) == 0
+            && activity.answered.load(Relaxed)
+            && activity.read_pending.load(Relaxed)
+            && !activity.write_pending.load(Relaxed);
+        if *draining || closing || !idle {
+            return Poll::Pending;
+        }
+        tracing::debug!("parking an idle connection");
+        // hyper closes an idle connection at once; otherwise it finishes the exchange first.
+        activity.parking.store(true, Relaxed);
+        Pin::new(&mut *conn).graceful_shutdown();
+        match Pin::new(&mut *conn).poll(cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ended::Parked),
+            Poll::Ready(Err(_)) => Poll::Ready(Ended::Done),
+            Poll::Pending => {
+                tracing::debug!("not idle after all: closing after this exchange");
+                activity.parking.store(false, Relaxed);
+                closing = true;
+                Poll::Pending
+            }
+        }
+    })
+    .await
+}
