@@ -4,7 +4,8 @@
 //! long as a connection is open, so 1,000 idle keep-alive connections from the app cost about
 //! 15 MiB. Like nginx, which frees a keep-alive connection's buffers between requests, this loop
 //! serves each burst of requests with a fresh hyper connection and, once hyper is idle between
-//! requests, takes the socket back ([`hyper::server::conn::http1::Parts`]) and drops the rest.
+//! requests for a moment ([`PARK_AFTER`]), takes the socket back
+//! ([`hyper::server::conn::http1::Parts`]) and drops the rest.
 //! A parked connection is a socket waiting to become readable. hyper has no setting for this,
 //! hence the hand-written loop.
 //!
@@ -21,7 +22,7 @@ use std::future::Future;
 use std::io;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -33,6 +34,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 use super::http::{Body, BoxError};
 use super::server::Prefixed;
@@ -52,7 +54,18 @@ struct Activity {
     write_pending: AtomicBool,
     /// Parking: the shutdown hyper asks for must leave the socket open.
     parking: AtomicBool,
+    /// Reads that returned bytes, to tell a connection idle since the park timer was armed
+    /// from one that served requests meanwhile.
+    reads: AtomicU64,
 }
+
+/// How long a connection must stay idle between requests before it is parked: long enough that
+/// a connection under load is not parked between its requests (each park and resume costs
+/// hyper's two 8 KiB buffers, which glibc's allocator frees and allocates slowly), short enough
+/// that idle connections opened one after another reuse the same freed buffers.
+const PARK_AFTER: Duration = Duration::from_millis(10);
+/// The longest wait between checks of a busy connection.
+const PARK_AFTER_MAX: Duration = Duration::from_secs(1);
 
 /// Counts a request as in flight until its response body is dropped.
 struct InFlight(Arc<Activity>);
@@ -110,9 +123,14 @@ impl AsyncRead for SessionIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        if polled.is_pending() {
-            self.activity.read_pending.store(true, Relaxed);
+        match polled {
+            Poll::Pending => self.activity.read_pending.store(true, Relaxed),
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                self.activity.reads.fetch_add(1, Relaxed);
+            }
+            Poll::Ready(_) => {}
         }
         polled
     }
@@ -201,15 +219,18 @@ pub(super) async fn serve<H, F>(
         })
     });
     let mut stop = pin!(stop);
+    // One timer per connection: the park delay during a session, the idle timeout while parked.
+    let mut timer = pin!(tokio::time::sleep(Duration::ZERO));
     let mut draining = false;
     let (mut tcp, mut prefix) = (tcp, prefix);
     loop {
         if prefix.is_empty() {
+            timer.as_mut().reset(Instant::now() + idle_timeout);
             tokio::select! {
                 biased;
                 () = stop.as_mut() => return,
                 readable = tcp.readable() => if readable.is_err() { return },
-                () = tokio::time::sleep(idle_timeout) => return,
+                () = timer.as_mut() => return,
             }
         }
         activity.parking.store(false, Relaxed);
@@ -218,10 +239,19 @@ pub(super) async fn serve<H, F>(
             io: Prefixed::new(prefix, tcp),
             activity: activity.clone(),
         };
-        let mut conn = builder
-            .serve_connection(TokioIo::new(io), service)
-            .with_upgrades();
-        if let Ended::Done = drive(&mut conn, &activity, stop.as_mut(), &mut draining).await {
+        // Boxed, so that a parked connection's task does not keep room for hyper's state.
+        let mut conn = Box::new(
+            builder
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades(),
+        );
+        let session = Session {
+            activity: &activity,
+            stop: stop.as_mut(),
+            timer: timer.as_mut(),
+            draining: &mut draining,
+        };
+        if let Ended::Done = session.drive(&mut conn).await {
             return;
         }
         let Some(parts) = conn.into_parts() else {
@@ -232,49 +262,76 @@ pub(super) async fn serve<H, F>(
     }
 }
 
-/// Polls one hyper session until it ends, parking it once it is idle between requests.
-async fn drive<S>(
-    conn: &mut UpgradeableConnection<TokioIo<SessionIo>, S>,
-    activity: &Activity,
-    mut stop: Pin<&mut impl Future<Output = ()>>,
-    draining: &mut bool,
-) -> Ended
-where
-    S: hyper::service::HttpService<Incoming, ResBody = Tracked> + Unpin,
-    S::Error: Into<BoxError>,
-{
-    let mut closing = false;
-    std::future::poll_fn(|cx| {
-        if !*draining && stop.as_mut().poll(cx).is_ready() {
-            *draining = true;
-            Pin::new(&mut *conn).graceful_shutdown();
-        }
-        activity.read_pending.store(false, Relaxed);
-        activity.write_pending.store(false, Relaxed);
-        if Pin::new(&mut *conn).poll(cx).is_ready() {
-            return Poll::Ready(Ended::Done);
-        }
-        let idle = activity.in_flight.load(Relaxed) == 0
-            && activity.answered.load(Relaxed)
-            && activity.read_pending.load(Relaxed)
-            && !activity.write_pending.load(Relaxed);
-        if *draining || closing || !idle {
-            return Poll::Pending;
-        }
-        tracing::debug!("parking an idle connection");
-        // hyper closes an idle connection at once; otherwise it finishes the exchange first.
-        activity.parking.store(true, Relaxed);
-        Pin::new(&mut *conn).graceful_shutdown();
-        match Pin::new(&mut *conn).poll(cx) {
-            Poll::Ready(Ok(())) => Poll::Ready(Ended::Parked),
-            Poll::Ready(Err(_)) => Poll::Ready(Ended::Done),
-            Poll::Pending => {
-                tracing::debug!("not idle after all: closing after this exchange");
-                activity.parking.store(false, Relaxed);
-                closing = true;
-                Poll::Pending
+/// A connection's state while hyper serves it.
+struct Session<'a, Stop> {
+    activity: &'a Activity,
+    stop: Pin<&'a mut Stop>,
+    timer: Pin<&'a mut Sleep>,
+    draining: &'a mut bool,
+}
+
+impl<Stop: Future<Output = ()>> Session<'_, Stop> {
+    /// Polls hyper until the connection ends, or parks it once it has been idle between
+    /// requests for [`PARK_AFTER`]. A connection found busy each time the timer fires waits
+    /// twice as long before the next check (up to [`PARK_AFTER_MAX`]), so busy connections cost
+    /// about one timer a second, not one per request, and they never park mid-burst.
+    async fn drive<S>(mut self, conn: &mut UpgradeableConnection<TokioIo<SessionIo>, S>) -> Ended
+    where
+        S: hyper::service::HttpService<Incoming, ResBody = Tracked> + Unpin,
+        S::Error: Into<BoxError>,
+    {
+        let activity = self.activity;
+        let mut closing = false;
+        // The reads counted when the park timer was armed, and the delay it was armed with.
+        let mut armed: Option<u64> = None;
+        let mut wait = PARK_AFTER;
+        std::future::poll_fn(|cx| {
+            if !*self.draining && self.stop.as_mut().poll(cx).is_ready() {
+                *self.draining = true;
+                Pin::new(&mut *conn).graceful_shutdown();
             }
-        }
-    })
-    .await
+            activity.read_pending.store(false, Relaxed);
+            activity.write_pending.store(false, Relaxed);
+            if Pin::new(&mut *conn).poll(cx).is_ready() {
+                return Poll::Ready(Ended::Done);
+            }
+            let idle = activity.in_flight.load(Relaxed) == 0
+                && activity.answered.load(Relaxed)
+                && activity.read_pending.load(Relaxed)
+                && !activity.write_pending.load(Relaxed);
+            if *self.draining || closing || !idle {
+                return Poll::Pending;
+            }
+            let reads = activity.reads.load(Relaxed);
+            match armed {
+                Some(_) if self.timer.as_mut().poll(cx).is_pending() => return Poll::Pending,
+                Some(at) if at == reads => {}
+                busy => {
+                    if busy.is_some() {
+                        wait = (wait * 2).min(PARK_AFTER_MAX);
+                    }
+                    armed = Some(reads);
+                    self.timer.as_mut().reset(Instant::now() + wait);
+                    // Registers the timer's wake-up; it cannot have fired yet.
+                    let _ = self.timer.as_mut().poll(cx);
+                    return Poll::Pending;
+                }
+            }
+            tracing::trace!("parking an idle connection");
+            // hyper closes an idle connection at once; otherwise it finishes the exchange first.
+            activity.parking.store(true, Relaxed);
+            Pin::new(&mut *conn).graceful_shutdown();
+            match Pin::new(&mut *conn).poll(cx) {
+                Poll::Ready(Ok(())) => Poll::Ready(Ended::Parked),
+                Poll::Ready(Err(_)) => Poll::Ready(Ended::Done),
+                Poll::Pending => {
+                    tracing::debug!("not idle after all: closing after this exchange");
+                    activity.parking.store(false, Relaxed);
+                    closing = true;
+                    Poll::Pending
+                }
+            }
+        })
+        .await
+    }
 }

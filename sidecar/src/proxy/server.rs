@@ -321,7 +321,12 @@ async fn serve_outbound_conn(
             Box::pin(async move { Ok::<_, Infallible>(response.await) })
         });
         let io = TokioIo::new(Prefixed::new(prefix, tcp));
-        until_drained(settings.http2.serve_connection(io, service), stop).await;
+        // Boxed: HTTP/1.1 connections, parked most of the time, need not keep room for h2's state.
+        Box::pin(until_drained(
+            settings.http2.serve_connection(io, service),
+            stop,
+        ))
+        .await;
     } else {
         let Settings {
             http1,
