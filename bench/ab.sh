@@ -61,6 +61,11 @@ run_one() { # label bin env
     printf '%s %s %s %s %s\n' "$label" "$rps" \
         "$(python3 -c "print(f'{($after - $before) / $hz / $requests * 10000:.3f}')")" \
         "$(hwm_kib "${pids[0]}")" "$(hwm_kib "${pids[1]}")" >>"$WORK/results"
+    # Where the memory is: anonymous (heap, stacks) vs file pages (the binary's code and data).
+    for side in 0 1; do
+        awk -v l="$label" -v s="$side" '/RssAnon|RssFile/ {v = v " " $1 " " $2} END {print l, (s ? "callee" : "caller"), v}' \
+            "/proc/${pids[$side]}/status" >>"$WORK/rss"
+    done
     kill "${pids[@]}" 2>/dev/null || true
     wait "${pids[@]}" 2>/dev/null || true
 }
@@ -69,6 +74,7 @@ for round in $(seq 1 "$ROUNDS"); do
     run_one A "$BIN_A" "${ENV_A:-}"
     run_one B "$BIN_B" "${ENV_B:-}"
     tail -2 "$WORK/results" | sed "s/^/round $round: /"
+    tail -4 "$WORK/rss" | sed "s/^/round $round:   /"
 done
 python3 - "$WORK/results" <<'PY'
 import statistics, sys
