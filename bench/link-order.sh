@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Regenerates sidecar/link-order.txt: the functions a running sidecar pair executes, hottest
+# first, which the release link places together (lld --symbol-ordering-file, see sidecar/build.rs).
+#
+# Why: most of a sidecar's RSS is the binary's code (RssFile), and the kernel maps code in 64 KiB
+# runs around each page fault, so a sidecar that uses 1 MiB of functions scattered over 9 MiB of
+# text holds most of the 9 MiB. Placing every function it runs side by side shrinks that
+# (docs/performance.md). A poor man's BOLT: this toolchain has no llvm-profdata or llvm-bolt.
+#
+#   bench/link-order.sh [REQUESTS=2000]
+#   env: BENCH_PORT_BASE (default 21500)
+#
+# Builds the release binary (which keeps its symbol table; the order it was linked with does not
+# change which functions run), runs a caller and a callee sidecar under callgrind from start-up
+# on, sends HTTP/1.1, h2c and admin requests through them, and writes every function with
+# instructions counted, hottest first. Functions that later changes add or rename are simply not
+# ordered (lld ignores unknown names), so a stale file costs locality, never correctness.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REQUESTS="${1:-2000}"
+CONNS=8
+RATE=200
+BASE="${BENCH_PORT_BASE:-21500}"
+# shellcheck source=bench/require.sh
+source "$ROOT/bench/require.sh"
+require link-order.sh valgrind callgrind_control nginx curl
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+# Separately, so loadgen's dependencies do not unify extra features into the sidecar.
+(cd "$ROOT" && cargo build --release -q -p outrider --bin outrider)
+(cd "$ROOT" && cargo build --release -q -p loadgen)
+OUTRIDER="$TARGET_DIR/release/outrider"
+LOADGEN="$TARGET_DIR/release/loadgen"
+NAME=link-order
+NGINX_PREFIX=()
+# shellcheck source=bench/pair-setup.sh
+source "$ROOT/bench/pair-setup.sh"
+for side in web backend; do
+    OUTRIDER_WORKER_THREADS=1 valgrind --tool=callgrind --demangle=no --compress-strings=no \
+        --compress-pos=no --callgrind-out-file="$WORK/callgrind.out.$side" \
+        "$OUTRIDER" run -c "$WORK/$side.yaml" --log-level warn >"$WORK/$side.log" 2>&1 &
+    PIDS+=($!)
+    eval "PID_${side}=$!"
+done
+for _ in $(seq 1 600); do
+    curl -sf -o /dev/null --max-time 2 -H "Host: backend" "http://127.0.0.1:$P_WEB_OUT/" && break
+    sleep 0.2
+done
+load() { # path proto
+    "$LOADGEN" run --url "http://127.0.0.1:$P_WEB_OUT$1" --host backend --proto "$2" \
+        --duration $((REQUESTS / RATE)) --warmup 0 --rate "$RATE" -c "$CONNS" >/dev/null 2>&1 || true
+}
+load / h1
+load / h2
+curl -sf -o /dev/null "http://127.0.0.1:$P_WEB_ADMIN/metrics" || true
+curl -sf -o /dev/null "http://127.0.0.1:$P_WEB_ADMIN/ready" || true
+# shellcheck disable=SC2154
+for pid in "$PID_web" "$PID_backend"; do callgrind_control -d "$pid" >/dev/null; done
+sleep 1
+python3 - "$ROOT/sidecar/link-order.txt" "$WORK"/callgrind.out.* <<'PY'
+import re, sys
+out, dumps = sys.argv[1], sys.argv[2:]
+cost = {}
+for path in dumps:
+    fn, skip = None, False
+    for line in open(path, errors="replace"):
+        if line.startswith("fn="):
+            fn = re.sub(r"'\d+$", "", line[3:].strip())
+            continue
+        if line.startswith("calls="):
+            skip = True  # the next line is the call's inclusive cost, not this function's
+            continue
+        if line[:1].isdigit() or line[:1] in "+-*":
+            if skip:
+                skip = False
+                continue
+            parts = line.split()
+            if fn and len(parts) >= 2 and parts[1].isdigit():
+                cost[fn] = cost.get(fn, 0) + int(parts[1])
+names = [f for f, c in sorted(cost.items(), key=lambda kv: -kv[1])
+         if c > 0 and f.startswith("_") and not f.startswith("0x")]
+with open(out, "w") as f:
+    f.write("\n".join(names) + "\n")
+print(f"{len(names)} functions ordered into {out}")
+PY
