@@ -5,7 +5,8 @@
 #
 #   bench/ab.sh BIN_A BIN_B [ROUNDS=5] [SECONDS=5] [CONNECTIONS=64]
 #   env: ENV_A, ENV_B   extra environment of each side, e.g. ENV_B="OUTRIDER_MESH_H1_CONNECTIONS=64"
-#        BENCH_PORT_BASE (default 21700), OUTRIDER_WORKER_THREADS (default 1)
+#        BENCH_PORT_BASE (default 21700), OUTRIDER_WORKER_THREADS (default 1),
+#        AB_PATH (default /: a 2-byte body; /16k.bin: 16 KiB)
 #
 # One nginx backend (`return 200 "ok"`) and, per round and per build, a fresh caller+callee pair
 # with mTLS pinned to core 0 with nginx, wrk pinned to core 1, in the order A B A B ... For each
@@ -48,10 +49,10 @@ run_one() { # label bin env
         curl -sf -o /dev/null --max-time 1 -H "Host: backend" "http://127.0.0.1:$P_WEB_OUT/" && break
         sleep 0.1
     done
-    taskset -c 1 wrk -t1 -c"$CONNS" -d1s -H "Host: backend" "http://127.0.0.1:$P_WEB_OUT/" >/dev/null
+    taskset -c 1 wrk -t1 -c"$CONNS" -d1s -H "Host: backend" "http://127.0.0.1:$P_WEB_OUT${AB_PATH:-/}" >/dev/null
     local before=$(($(cpu_ticks "${pids[0]}") + $(cpu_ticks "${pids[1]}")))
     local out
-    out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${SECS}s" -H "Host: backend" "http://127.0.0.1:$P_WEB_OUT/")
+    out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${SECS}s" -H "Host: backend" "http://127.0.0.1:$P_WEB_OUT${AB_PATH:-/}")
     local after=$(($(cpu_ticks "${pids[0]}") + $(cpu_ticks "${pids[1]}")))
     local requests rps
     requests=$(awk '/requests in/ {print $1}' <<<"$out")

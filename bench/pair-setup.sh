@@ -1,6 +1,7 @@
 # Sourced by bench/callgrind.sh, bench/profile.sh and bench/ab.sh: the minimal pair they use.
 # Expects ROOT, OUTRIDER (binary), BASE (port base) and NAME (for the work dir); sets the ports,
-# WORK, PIDS and an EXIT trap, starts an nginx backend (`return 200 "ok"`, one worker,
+# WORK, PIDS and an EXIT trap, starts an nginx backend (`return 200 "ok"` at /, a 16 KiB file at
+# /16k.bin, one worker,
 # keep-alive), mints certificates and writes $WORK/web.yaml and $WORK/backend.yaml (web →
 # backend over mTLS) with bench/pair-configs.sh, as bench/pair.sh does.
 # Starting the sidecars is the caller's part (each script wraps them differently).
@@ -18,6 +19,7 @@ cleanup() {
 trap cleanup EXIT
 
 mkdir -p "$WORK/tmp"
+head -c 16384 /dev/zero | tr '\0' x >"$WORK/16k.bin"
 cat >"$WORK/nginx.conf" <<EOC
 daemon off;
 master_process off;
@@ -33,7 +35,11 @@ http {
     fastcgi_temp_path $WORK/tmp/fastcgi;
     uwsgi_temp_path $WORK/tmp/uwsgi;
     scgi_temp_path $WORK/tmp/scgi;
-    server { listen 127.0.0.1:$P_NGINX; location = / { return 200 "ok"; } }
+    server {
+        listen 127.0.0.1:$P_NGINX;
+        location = / { return 200 "ok"; }
+        location = /16k.bin { root $WORK; }
+    }
 }
 EOC
 "${NGINX_PREFIX[@]}" nginx -e "$WORK/nginx.err" -c "$WORK/nginx.conf" &

@@ -40,6 +40,8 @@ cleanup() {
 }
 trap cleanup EXIT
 cp "$binary" "$context/outrider"
+# The release profile keeps the symbol table (for bench/link-order.sh); the image does not need it.
+strip "$context/outrider"
 
 "${buildah[@]}" bud --isolation chroot -f deploy/Dockerfile.scratch -t "$image" "$context"
 container="$("${buildah[@]}" from "$image")"
