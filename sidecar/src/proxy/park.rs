@@ -11,8 +11,8 @@
 //!
 //! "Idle" is decided from hyper's own state: the session has answered a request, no request is
 //! in the service or streaming its response ([`Activity::in_flight`]), hyper's last read found
-//! nothing to read and nothing waits to be written. Then [`UpgradeableConnection::graceful_shutdown`] closes an idle hyper
-//! connection at once; [`SessionIo`] turns the shutdown it then asks for into a no-op, and the
+//! nothing to read and nothing waits to be written. Then
+//! [`UpgradeableConnection::graceful_shutdown`] closes an idle hyper connection at once; [`SessionIo`] turns the shutdown it then asks for into a no-op, and the
 //! bytes hyper had read but not parsed (a pipelined request's first part) go in front of the
 //! socket for the next session. If hyper turns out not to be idle (a request body still
 //! arriving), the connection ends after that exchange, as a keep-alive connection may.
