@@ -35,16 +35,7 @@ NAME=callgrind
 NGINX_PREFIX=()
 # shellcheck source=bench/pair-setup.sh
 source "$ROOT/bench/pair-setup.sh"
-for side in web backend; do
-    OUTRIDER_WORKER_THREADS="${OUTRIDER_WORKER_THREADS:-1}" valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out.$side" \
-        "$OUTRIDER" run -c "$WORK/$side.yaml" --log-level warn >"$WORK/$side.log" 2>&1 &
-    PIDS+=($!)
-    eval "PID_${side}=$!"
-done
-for _ in $(seq 1 600); do
-    curl -sf -o /dev/null --max-time 2 -H "Host: backend" "http://127.0.0.1:$P_WEB_OUT/" && break
-    sleep 0.2
-done
+start_sidecars valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out.@SIDE@"
 load() { # requests
     "$LOADGEN" run --url "http://127.0.0.1:$P_WEB_OUT/" --host backend \
         --duration $(($1 / RATE)) --warmup 0 --rate "$RATE" -c "$CONNS" 2>&1 >/dev/null | grep '^loadgen' || true

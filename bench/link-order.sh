@@ -34,17 +34,8 @@ NAME=link-order
 NGINX_PREFIX=()
 # shellcheck source=bench/pair-setup.sh
 source "$ROOT/bench/pair-setup.sh"
-for side in web backend; do
-    OUTRIDER_WORKER_THREADS=1 valgrind --tool=callgrind --demangle=no --compress-strings=no \
-        --compress-pos=no --callgrind-out-file="$WORK/callgrind.out.$side" \
-        "$OUTRIDER" run -c "$WORK/$side.yaml" --log-level warn >"$WORK/$side.log" 2>&1 &
-    PIDS+=($!)
-    eval "PID_${side}=$!"
-done
-for _ in $(seq 1 600); do
-    curl -sf -o /dev/null --max-time 2 -H "Host: backend" "http://127.0.0.1:$P_WEB_OUT/" && break
-    sleep 0.2
-done
+OUTRIDER_WORKER_THREADS=1 start_sidecars valgrind --tool=callgrind --demangle=no \
+    --compress-strings=no --compress-pos=no --callgrind-out-file="$WORK/callgrind.out.@SIDE@"
 load() { # path proto
     "$LOADGEN" run --url "http://127.0.0.1:$P_WEB_OUT$1" --host backend --proto "$2" \
         --duration $((REQUESTS / RATE)) --warmup 0 --rate "$RATE" -c "$CONNS" >/dev/null 2>&1 || true

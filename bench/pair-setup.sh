@@ -50,3 +50,20 @@ source "$ROOT/bench/pair-configs.sh"
 mint_certs web backend
 sidecar_yaml web 127.0.0.1:9 "$P_WEB_OUT" "$P_WEB_IN" "$P_WEB_ADMIN" >"$WORK/web.yaml"
 sidecar_yaml backend "127.0.0.1:$P_NGINX" "$P_BE_OUT" "$P_BE_IN" "$P_BE_ADMIN" >"$WORK/backend.yaml"
+
+# Starts the caller (web) and callee (backend) sidecars, each command prefixed by the arguments
+# (e.g. valgrind and its options; the word @SIDE@ in them becomes web or backend), records their
+# pids in PIDS, PID_web and PID_backend, and waits until the pair answers.
+start_sidecars() {
+    local side
+    for side in web backend; do
+        OUTRIDER_WORKER_THREADS="${OUTRIDER_WORKER_THREADS:-1}" "${@//@SIDE@/$side}" \
+            "$OUTRIDER" run -c "$WORK/$side.yaml" --log-level warn >"$WORK/$side.log" 2>&1 &
+        PIDS+=($!)
+        eval "PID_${side}=$!"
+    done
+    for _ in $(seq 1 600); do
+        curl -sf -o /dev/null --max-time 2 -H "Host: backend" "http://127.0.0.1:$P_WEB_OUT/" && return 0
+        sleep 0.2
+    done
+}

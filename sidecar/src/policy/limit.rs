@@ -12,14 +12,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::Response;
-use http_body::{Body as HttpBody, Frame, SizeHint};
 use tower::{Layer, Service};
 
 use super::PolicyError;
 use crate::config::{Inbound, RateLimit};
-use crate::proxy::http::{Body, BoxError};
+use crate::proxy::http::{Body, Guarded};
 
 /// What a refused request should wait when the concurrency limit, not the rate, refused it.
 const BUSY_RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -217,10 +215,7 @@ where
                 Poll::Ready(result.map(|response| match permit.take() {
                     // Only a concurrency slot needs to outlive the response head.
                     Some(permit) if permit.0.is_some() => response.map(|body| {
-                        http_body_util::BodyExt::boxed_unsync(PermitBody {
-                            body,
-                            _permit: permit,
-                        })
+                        http_body_util::BodyExt::boxed_unsync(Guarded::new(body, permit))
                     }),
                     _ => response,
                 }))
@@ -231,32 +226,6 @@ where
                 })))
             }
         }
-    }
-}
-
-/// A response body that holds a concurrency slot until it ends or is dropped.
-struct PermitBody {
-    body: Body,
-    _permit: Permit,
-}
-
-impl HttpBody for PermitBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
     }
 }
 

@@ -42,6 +42,42 @@ where
     body.map_err(Into::into).boxed_unsync()
 }
 
+/// A body that keeps `guard` alive until it ends or is dropped: a concurrency slot, a count of
+/// requests in flight.
+pub struct Guarded<G> {
+    body: Body,
+    _guard: G,
+}
+
+impl<G> Guarded<G> {
+    pub fn new(body: Body, guard: G) -> Self {
+        Self {
+            body,
+            _guard: guard,
+        }
+    }
+}
+
+impl<G: Unpin> http_body::Body for Guarded<G> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// What went wrong, from the sidecar's point of view (CONTRACT §4 error table).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ErrorKind {

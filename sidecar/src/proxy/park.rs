@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::body::Incoming;
 use hyper::server::conn::http1::{self, UpgradeableConnection};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -36,7 +36,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use super::http::{Body, BoxError};
+use super::http::{Body, BoxError, Guarded};
 use super::server::Prefixed;
 
 /// What the session loop needs to know about the hyper connection it drives. One per client
@@ -81,32 +81,6 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Relaxed);
         self.0.answered.store(true, Relaxed);
-    }
-}
-
-/// A response body that keeps its request counted as in flight.
-struct Tracked {
-    body: Body,
-    _in_flight: InFlight,
-}
-
-impl http_body::Body for Tracked {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
     }
 }
 
@@ -212,10 +186,7 @@ pub(super) async fn serve<H, F>(
         // by value (memcpy) into and out of its connection state on every request.
         Box::pin(async move {
             let response = response.await;
-            Ok::<_, Infallible>(response.map(|body| Tracked {
-                body,
-                _in_flight: in_flight,
-            }))
+            Ok::<_, Infallible>(response.map(|body| Guarded::new(body, in_flight)))
         })
     });
     let mut stop = pin!(stop);
@@ -277,7 +248,7 @@ impl<Stop: Future<Output = ()>> Session<'_, Stop> {
     /// about one timer a second, not one per request, and they never park mid-burst.
     async fn drive<S>(mut self, conn: &mut UpgradeableConnection<TokioIo<SessionIo>, S>) -> Ended
     where
-        S: hyper::service::HttpService<Incoming, ResBody = Tracked> + Unpin,
+        S: hyper::service::HttpService<Incoming, ResBody = Guarded<InFlight>> + Unpin,
         S::Error: Into<BoxError>,
     {
         let activity = self.activity;
