@@ -12,13 +12,16 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
+use super::http::Body;
 use super::inbound::{self, Peer};
 use super::{Shared, outbound, park};
 use crate::config::Limits;
@@ -67,8 +70,16 @@ impl Settings {
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Reads a connection's first bytes, as far as needed to tell HTTP/2 (prior knowledge) from
-/// HTTP/1.1. Returns whether it is HTTP/2, and the bytes read.
-async fn sniff<S: AsyncRead + Unpin>(io: &mut S) -> io::Result<(bool, Bytes)> {
+/// HTTP/1.1, waiting at most `within`. Returns whether it is HTTP/2, and the bytes read; `None`
+/// if the client sent nothing in time or the read failed.
+async fn sniff<S: AsyncRead + Unpin>(io: &mut S, within: Duration) -> Option<(bool, Bytes)> {
+    tokio::time::timeout(within, read_preface(io))
+        .await
+        .ok()?
+        .ok()
+}
+
+async fn read_preface<S: AsyncRead + Unpin>(io: &mut S) -> io::Result<(bool, Bytes)> {
     let mut buf = [0u8; H2_PREFACE.len()];
     let mut filled = 0;
     loop {
@@ -170,7 +181,7 @@ trait Drainable: Future<Output = hyper::Result<()>> {
 
 impl<I, S, B> Drainable for http1::UpgradeableConnection<I, S>
 where
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     B: hyper::body::Body + 'static,
@@ -183,7 +194,7 @@ where
 
 impl<I, S, B> Drainable for http2::Connection<I, S, TokioExecutor>
 where
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     S::Future: Send + 'static,
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -194,6 +205,46 @@ where
     fn start_drain(self: Pin<&mut Self>) {
         self.graceful_shutdown();
     }
+}
+
+/// The hyper service for `handle`. Boxed: the request's whole stack is one large future, which
+/// hyper would otherwise move by value (memcpy) into and out of its connection state on every
+/// request, and over HTTP/2 into a task per stream (measured with bench/callgrind.sh).
+fn boxed_service<H, F>(
+    handle: H,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+> + Send
++ Sync
++ 'static
+where
+    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    service_fn(move |req| {
+        let response = handle(req);
+        Box::pin(async move { Ok::<_, Infallible>(response.await) })
+    })
+}
+
+/// Serves h2c on `io` until it closes or `stop` drains it.
+async fn serve_h2<I, H, F>(
+    io: Prefixed<I>,
+    http2: &http2::Builder<TokioExecutor>,
+    handle: H,
+    stop: impl Future<Output = ()>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let conn = http2.serve_connection(TokioIo::new(io), boxed_service(handle));
+    // Boxed: a task serving HTTP/1.1 (parked most of the time, on the outbound listener) need
+    // not keep room for h2's state.
+    Box::pin(until_drained(conn, stop)).await;
 }
 
 /// Runs a connection to its end; once `stop` resolves, it finishes what is in flight and closes.
@@ -220,31 +271,31 @@ pub async fn serve_http<I, H, F>(
     stop: impl Future<Output = ()>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: Fn(hyper::Request<hyper::body::Incoming>) -> F + Send + Sync + Clone + 'static,
-    F: Future<Output = hyper::Response<super::http::Body>> + Send + 'static,
+    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
 {
     let settings = Settings::new(limits);
-    let Ok(Ok((is_h2, prefix))) = tokio::time::timeout(settings.idle_timeout, sniff(&mut io)).await
-    else {
+    let Some((is_h2, prefix)) = sniff(&mut io, settings.idle_timeout).await else {
         return;
     };
-    // Boxed: see `serve_outbound`.
-    let service = service_fn(move |req| {
-        let response = handle(req);
-        Box::pin(async move { Ok::<_, Infallible>(response.await) })
-    });
-    let io = TokioIo::new(Prefixed::new(prefix, io));
+    let io = Prefixed::new(prefix, io);
     if is_h2 {
-        until_drained(settings.http2.serve_connection(io, service), stop).await;
+        serve_h2(io, &settings.http2, handle, stop).await;
     } else {
-        let conn = settings.http1.serve_connection(io, service).with_upgrades();
+        let conn = settings
+            .http1
+            .serve_connection(TokioIo::new(io), boxed_service(handle))
+            .with_upgrades();
         until_drained(conn, stop).await;
     }
 }
 
-/// Counts a listener's open connections, so that draining can wait for them.
+/// Counts a listener's open connections, so that draining can wait for them: the channel
+/// closes when the last clone is dropped.
 #[derive(Clone)]
-struct Open(#[allow(dead_code)] mpsc::Sender<()>);
+struct Open {
+    _sender: mpsc::Sender<()>,
+}
 
 /// Waits until every [`Open`] handle is dropped, or `grace` passes.
 async fn drain(open: Open, mut closed: mpsc::Receiver<()>, grace: Duration) {
@@ -272,8 +323,8 @@ pub async fn serve_outbound(
     let local = listener
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
-    let (open, closed) = mpsc::channel(1);
-    let open = Open(open);
+    let (sender, closed) = mpsc::channel(1);
+    let open = Open { _sender: sender };
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -307,26 +358,12 @@ async fn serve_outbound_conn(
     stop: impl Future<Output = ()>,
 ) {
     let settings = Settings::new(&shared.config.load().limits);
-    let Ok(Ok((is_h2, prefix))) =
-        tokio::time::timeout(settings.idle_timeout, sniff(&mut tcp)).await
-    else {
+    let Some((is_h2, prefix)) = sniff(&mut tcp, settings.idle_timeout).await else {
         return;
     };
     let handle = move |req| outbound::handle(shared.clone(), local, None, req);
     if is_h2 {
-        // Boxed: over HTTP/2 hyper spawns a task per stream holding this future; a large
-        // future is copied several times on the way (measured with bench/callgrind.sh).
-        let service = service_fn(move |req| {
-            let response = handle(req);
-            Box::pin(async move { Ok::<_, Infallible>(response.await) })
-        });
-        let io = TokioIo::new(Prefixed::new(prefix, tcp));
-        // Boxed: HTTP/1.1 connections, parked most of the time, need not keep room for h2's state.
-        Box::pin(until_drained(
-            settings.http2.serve_connection(io, service),
-            stop,
-        ))
-        .await;
+        serve_h2(Prefixed::new(prefix, tcp), &settings.http2, handle, stop).await;
     } else {
         let Settings {
             http1,
@@ -354,8 +391,8 @@ pub async fn serve_inbound(
     shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let (open, closed) = mpsc::channel(1);
-    let open = Open(open);
+    let (sender, closed) = mpsc::channel(1);
+    let open = Open { _sender: sender };
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,

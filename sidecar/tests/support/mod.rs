@@ -135,7 +135,8 @@ impl Sidecar {
         sidecar
     }
 
-    /// Starts without waiting for readiness.
+    /// Starts without waiting for readiness, logging at `OUTRIDER_TEST_LOG_LEVEL` (default
+    /// `info`; `debug` to see what a failing test's sidecar did).
     pub fn spawn(yaml: &str, ports: Ports, env: &[(&str, &str)]) -> Self {
         let level = std::env::var("OUTRIDER_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into());
         Self::spawn_logging(yaml, ports, env, &level)
