@@ -50,10 +50,14 @@ run_one() { # label bin env
         sleep 0.1
     done
     taskset -c 1 wrk -t1 -c"$CONNS" -d1s -H "Host: backend" "http://127.0.0.1:$P_WEB_OUT${AB_PATH:-/}" >/dev/null
-    local before=$(($(cpu_ticks "${pids[0]}") + $(cpu_ticks "${pids[1]}")))
+    local before_web before_be
+    before_web=$(cpu_ticks "${pids[0]}") before_be=$(cpu_ticks "${pids[1]}")
+    local before=$((before_web + before_be))
     local out
     out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${SECS}s" -H "Host: backend" "http://127.0.0.1:$P_WEB_OUT${AB_PATH:-/}")
-    local after=$(($(cpu_ticks "${pids[0]}") + $(cpu_ticks "${pids[1]}")))
+    local after_web after_be
+    after_web=$(cpu_ticks "${pids[0]}") after_be=$(cpu_ticks "${pids[1]}")
+    local after=$((after_web + after_be))
     local requests rps
     requests=$(awk '/requests in/ {print $1}' <<<"$out")
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
@@ -62,9 +66,12 @@ run_one() { # label bin env
     printf '%s %s %s %s %s\n' "$label" "$rps" \
         "$(python3 -c "print(f'{($after - $before) / $hz / $requests * 10000:.3f}')")" \
         "$(hwm_kib "${pids[0]}")" "$(hwm_kib "${pids[1]}")" >>"$WORK/results"
-    # Where the memory is: anonymous (heap, stacks) vs file pages (the binary's code and data).
+    # Where the memory is: anonymous (heap, stacks) vs file pages (the binary's code and data),
+    # and which side spends the CPU.
+    local cpu_side=("$((after_web - before_web))" "$((after_be - before_be))")
     for side in 0 1; do
-        awk -v l="$label" -v s="$side" '/RssAnon|RssFile/ {v = v " " $1 " " $2} END {print l, (s ? "callee" : "caller"), v}' \
+        awk -v l="$label" -v s="$side" -v cpu="${cpu_side[$side]}" -v hz="$hz" -v n="$requests" \
+            '/RssAnon|RssFile/ {v = v " " $1 " " $2} END {printf "%s %s %s CPU s/10k %.3f\n", l, (s ? "callee" : "caller"), v, cpu / hz / n * 10000}' \
             "/proc/${pids[$side]}/status" >>"$WORK/rss"
     done
     kill "${pids[@]}" 2>/dev/null || true

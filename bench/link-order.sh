@@ -12,7 +12,7 @@
 #
 # Builds the release binary (which keeps its symbol table; the order it was linked with does not
 # change which functions run), runs a caller and a callee sidecar under callgrind from start-up
-# on, sends HTTP/1.1, h2c and admin requests through them, and writes every function with
+# on, sends HTTP/1.1 (2-byte and 16 KiB bodies), h2c and admin requests through them, and writes every function with
 # instructions counted, hottest first. Functions that later changes add or rename are simply not
 # ordered (lld ignores unknown names), so a stale file costs locality, never correctness.
 set -euo pipefail
@@ -42,6 +42,8 @@ load() { # path proto
 }
 load / h1
 load / h2
+# 16 KiB bodies take other paths (body chunks, flow control, larger TLS records).
+load /16k.bin h1
 curl -sf -o /dev/null "http://127.0.0.1:$P_WEB_ADMIN/metrics" || true
 curl -sf -o /dev/null "http://127.0.0.1:$P_WEB_ADMIN/ready" || true
 # shellcheck disable=SC2154

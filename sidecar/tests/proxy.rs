@@ -220,7 +220,45 @@ async fn one_mebibyte_bodies_stream_both_ways_over_h1_and_h2() {
         .send()
         .await
         .expect("download");
-    assert_eq!(r.bytes().await.expect("body").len(), 1 << 20);
+    let body = r.bytes().await.expect("body");
+    assert_eq!(body.len(), 1 << 20);
+    assert!(
+        body.iter()
+            .enumerate()
+            .all(|(i, b)| usize::from(*b) == i % 251),
+        "the download arrived changed"
+    );
+}
+
+/// Response heads from the app are read into a bounded buffer (`UPSTREAM_READ_BUFFER`, 24 KiB):
+/// a 12 KB head passes whole, with repeated headers in order; a 30 KB one is refused as an
+/// unusable answer (heads above 16 KiB never passed: the HTTP/2 leg between sidecars takes
+/// 16 KiB of response headers), and the sidecar keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn app_response_heads_pass_whole_up_to_the_read_buffer() {
+    let pki = Pki::new();
+    let app = apps::http_app("users").await;
+    let pair = Pair::start(&pki, "user-service", app.addr, "", "");
+    let get = |path: &'static str| {
+        client()
+            .get(format!("{}{path}", pair.caller.outbound_url()))
+            .header("host", "user-service")
+            .send()
+    };
+    let r = get("/head/12000").await.expect("12 KB head");
+    assert_eq!(r.status(), 200);
+    let big = r.headers().get("x-big").expect("x-big");
+    assert_eq!(big.as_bytes(), "h".repeat(12000).as_bytes());
+    let cookies: Vec<_> = r.headers().get_all("set-cookie").iter().collect();
+    assert_eq!(cookies, ["a=1", "b=2"]);
+    assert_eq!(r.text().await.expect("body"), "head");
+
+    let r = get("/head/30000").await.expect("30 KB head");
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["x-outrider-error"], "unavailable");
+
+    let r = get("/hello").await.expect("hello");
+    assert_eq!(r.status(), 200);
 }
 
 async fn echo_client(pair: &Pair, service: &str) -> EchoClient<tonic::transport::Channel> {

@@ -126,6 +126,7 @@ pub async fn http_app_on(addr: SocketAddr, name: &'static str) -> App {
         .route("/slow/{ms}", get(slow))
         .route("/status/{code}", any(status))
         .route("/bytes/{n}", get(bytes))
+        .route("/head/{n}", get(head))
         .route("/ws", get(ws))
         .route("/seq/{key}", any(seq))
         .route("/lag", any(lag))
@@ -227,6 +228,18 @@ async fn status(Path(code): Path<u16>) -> Response {
 
 async fn bytes(Path(n): Path<usize>) -> Vec<u8> {
     (0..n).map(|i| (i % 251) as u8).collect()
+}
+
+/// A response whose head carries an `x-big` header of `n` bytes and two `set-cookie` values.
+async fn head(Path(n): Path<usize>) -> Response {
+    let mut response = "head".into_response();
+    let headers = response.headers_mut();
+    if let Ok(big) = axum::http::HeaderValue::from_str(&"h".repeat(n)) {
+        headers.insert("x-big", big);
+    }
+    headers.append("set-cookie", axum::http::HeaderValue::from_static("a=1"));
+    headers.append("set-cookie", axum::http::HeaderValue::from_static("b=2"));
+    response
 }
 
 async fn ws(upgrade: WebSocketUpgrade) -> Response {
