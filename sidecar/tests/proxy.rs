@@ -230,7 +230,7 @@ async fn one_mebibyte_bodies_stream_both_ways_over_h1_and_h2() {
     );
 }
 
-/// Response heads from the app are read into a bounded buffer (`UPSTREAM_READ_BUFFER`, 24 KiB):
+/// Response heads from the app are read into a bounded buffer (`UPSTREAM_READ_BUFFER`, 20 KiB):
 /// a 12 KB head passes whole, with repeated headers in order; a 30 KB one is refused as an
 /// unusable answer (heads above 16 KiB never passed: the HTTP/2 leg between sidecars takes
 /// 16 KiB of response headers), and the sidecar keeps serving.
