@@ -12,9 +12,10 @@
 #
 # Builds the release binary (which keeps its symbol table; the order it was linked with does not
 # change which functions run), runs a caller and a callee sidecar under callgrind from start-up
-# on, sends HTTP/1.1 (2-byte and 16 KiB bodies), h2c and admin requests through them, and writes every function with
-# instructions counted, hottest first. Functions that later changes add or rename are simply not
-# ordered (lld ignores unknown names), so a stale file costs locality, never correctness.
+# on, sends HTTP/1.1 (2-byte and 16 KiB bodies), h2c and admin requests through them, and writes
+# every function with instructions counted, hottest first. Functions that later changes add or
+# rename are simply not ordered (lld ignores unknown names), so a stale file costs locality,
+# never correctness.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REQUESTS="${1:-2000}"

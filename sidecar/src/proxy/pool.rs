@@ -190,10 +190,10 @@ pub async fn dial(
 /// lets each pooled connection's buffer grow to 32–64 KiB when bodies are 16 KiB, which made
 /// the callee's memory under load 13.4 MiB; 20 KiB holds a full 16 KiB HTTP/2 frame or TLS
 /// record plus a 4 KiB head, and took it to 11.4 MiB at the same throughput
-/// (`AB_PATH=/16k.bin bench/ab.sh`, docs/performance.md). A response head above it is refused like any response hyper cannot
-/// parse (503 `unavailable`); it could not have crossed the mesh anyway, since the HTTP/2 leg
-/// between sidecars takes 16 KiB of response headers (hyper's default, like HAProxy's ~15 KiB;
-/// nginx takes 4–8 KiB).
+/// (`AB_PATH=/16k.bin bench/ab.sh`, docs/performance.md). A response head above it is refused
+/// like any response hyper cannot parse (503 `unavailable`); it could not have crossed the mesh
+/// anyway, since the HTTP/2 leg between sidecars takes 16 KiB of response headers (hyper's
+/// default, like HAProxy's ~15 KiB; nginx takes 4–8 KiB).
 pub(super) const UPSTREAM_READ_BUFFER: usize = 20 * 1024;
 
 /// Most idle HTTP/1.1 connections kept per endpoint.
