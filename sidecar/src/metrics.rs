@@ -2,9 +2,13 @@
 //! module of the crate. Other modules hold an `Arc<Metrics>` and call its typed fields; callers on
 //! the hot path cache the labelled handles (`with_label_values` hashes and takes a read lock).
 
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use http::StatusCode;
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Request latency buckets, in seconds: fine below 10 ms where sidecar overhead lives.
@@ -188,6 +192,54 @@ impl Metrics {
     }
 }
 
+/// Status codes whose `requests_total` handle [`RequestMetrics`] keeps once used; others are
+/// looked up per request.
+const COMMON_CODES: [u16; 12] = [200, 201, 202, 204, 400, 401, 403, 404, 429, 500, 502, 503];
+
+/// `requests_total` and `request_duration_seconds` of one direction and service, with the
+/// labelled handles looked up once (per upstream, per inbound connection) rather than per
+/// request: each `with_label_values` hashes its labels and takes the family's read lock, about
+/// 280 instructions a request each (`bench/callgrind.sh`).
+pub struct RequestMetrics {
+    direction: &'static str,
+    service: String,
+    requests_total: IntCounterVec,
+    duration: Histogram,
+    /// The counters of [`COMMON_CODES`], by index, created on first use: only the codes a
+    /// service answers with appear in the exposition.
+    by_code: [OnceLock<IntCounter>; COMMON_CODES.len()],
+}
+
+impl RequestMetrics {
+    pub fn new(metrics: &Metrics, direction: &'static str, service: &str) -> Self {
+        Self {
+            direction,
+            service: service.to_string(),
+            requests_total: metrics.requests_total.clone(),
+            duration: metrics
+                .request_duration_seconds
+                .with_label_values(&[direction, service]),
+            by_code: Default::default(),
+        }
+    }
+
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// Counts one request answered with `status` after `elapsed`.
+    pub fn record(&self, status: StatusCode, elapsed: Duration) {
+        let labels = || [self.direction, self.service.as_str(), status.as_str()];
+        match COMMON_CODES.iter().position(|&c| c == status.as_u16()) {
+            Some(i) => self.by_code[i]
+                .get_or_init(|| self.requests_total.with_label_values(&labels()))
+                .inc(),
+            None => self.requests_total.with_label_values(&labels()).inc(),
+        }
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -210,5 +262,27 @@ mod tests {
             r#"outrider_requests_total{code="200",direction="outbound",service="user-service"} 1"#
         ));
         assert!(text.contains("outrider_rate_limited_total 1"));
+    }
+
+    #[test]
+    fn request_metrics_count_common_and_rare_codes() {
+        let m = Metrics::new();
+        let requests = RequestMetrics::new(&m, "inbound", "course-service");
+        requests.record(StatusCode::OK, Duration::from_millis(3));
+        requests.record(StatusCode::OK, Duration::from_millis(3));
+        requests.record(StatusCode::IM_A_TEAPOT, Duration::from_millis(30));
+        let text = m.render();
+        for line in [
+            r#"outrider_requests_total{code="200",direction="inbound",service="course-service"} 2"#,
+            r#"outrider_requests_total{code="418",direction="inbound",service="course-service"} 1"#,
+            r#"outrider_request_duration_seconds_count{direction="inbound",service="course-service"} 3"#,
+            r#"outrider_request_duration_seconds_bucket{direction="inbound",service="course-service",le="0.005"} 2"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        assert!(
+            !text.contains(r#"code="503""#),
+            "an unused code is not exposed"
+        );
     }
 }

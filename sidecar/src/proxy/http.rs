@@ -19,6 +19,7 @@ pub const OUTRIDER_PEER: HeaderName = HeaderName::from_static("x-outrider-peer")
 /// Set by the outbound sidecar when it carries an HTTP/1.x request over the HTTP/2 connection
 /// between sidecars; the inbound sidecar restores that version for the app.
 pub const ORIG_PROTO: HeaderName = HeaderName::from_static("x-outrider-orig-proto");
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
@@ -339,12 +340,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Keeps a valid `x-correlation-id` or generates one (UUID v4); returns it.
+/// Keeps a valid `x-correlation-id` or generates one (UUID v4); returns it. The header is marked
+/// never-indexed (see [`never_indexed`]).
 pub fn ensure_correlation_id(headers: &mut HeaderMap) -> HeaderValue {
-    if let Some(id) = headers.get(&CORRELATION_ID)
+    if let Some(id) = headers.get_mut(&CORRELATION_ID)
         && !id.is_empty()
         && id.len() <= 256
     {
+        id.set_sensitive(true);
         return id.clone();
     }
     let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
@@ -355,8 +358,26 @@ pub fn ensure_correlation_id(headers: &mut HeaderMap) -> HeaderValue {
             .as_bytes(),
     )
     .unwrap_or(HeaderValue::from_static("invalid"));
+    let id = never_indexed(id);
     headers.insert(CORRELATION_ID, id.clone());
     id
+}
+
+/// Marks a value that is new on every request (a correlation ID, `traceparent`, a
+/// `grpc-timeout`) so the HTTP/2 leg between sidecars sends it as a never-indexed literal: HPACK
+/// would otherwise add each one to both sides' dynamic tables, where it can never be reused and
+/// evicts the entries that do repeat (`:authority`, `user-agent`, `content-type`), so those go
+/// out as literals again too. On HTTP/1.1 the mark means nothing.
+pub fn never_indexed(mut value: HeaderValue) -> HeaderValue {
+    value.set_sensitive(true);
+    value
+}
+
+/// [`never_indexed`] for the request's `traceparent` (W3C trace context), if it has one.
+pub fn never_index_trace_context(headers: &mut HeaderMap) {
+    if let Some(value) = headers.get_mut(TRACEPARENT) {
+        value.set_sensitive(true);
+    }
 }
 
 /// Parses `grpc-timeout` (`<digits><unit>`, unit H M S m u n, at most 8 digits).
@@ -384,22 +405,35 @@ pub fn parse_grpc_timeout(value: &HeaderValue) -> Option<Duration> {
 /// Formats a `grpc-timeout` value for the remaining time (milliseconds, rounded down, ≥ 1).
 pub fn grpc_timeout_value(remaining: Duration) -> HeaderValue {
     let millis = remaining.as_millis().clamp(1, 99_999_999);
-    HeaderValue::try_from(format!("{millis}m")).unwrap_or(HeaderValue::from_static("1m"))
+    never_indexed(
+        HeaderValue::try_from(format!("{millis}m")).unwrap_or(HeaderValue::from_static("1m")),
+    )
 }
 
-/// Carries an HTTP/1.x request (origin form, `Host`) over HTTP/2 to another sidecar: see
-/// [`upgrade_to_h2`]; the URI gets `http` and the `Host` as its authority.
+/// Carries an HTTP/1.x request over HTTP/2 to another sidecar: see [`upgrade_to_h2`]. The
+/// authority is the URI's when it is absolute (as the outbound path makes it), else the `Host`.
 pub fn h1_to_h2(req: Request<Body>) -> Request<Body> {
     let (mut parts, body) = req.into_parts();
-    let authority = parts
-        .headers
-        .get(header::HOST)
-        .and_then(|h| Authority::try_from(h.as_bytes()).ok());
+    let from_host = match parts.uri.authority() {
+        Some(_) => None,
+        None => parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| Authority::try_from(h.as_bytes()).ok()),
+    };
     upgrade_to_h2(&mut parts);
-    if let Some(authority) = authority {
+    if let Some(authority) = from_host {
         set_absolute_uri(&mut parts, authority);
     }
     Request::from_parts(parts, body)
+}
+
+/// Gives an HTTP/1.x request the origin-form target (`/path?query`) an HTTP/1.1 connection to an
+/// app or upstream wants (hyper writes the URI as it is). Shared bytes: no copy.
+pub fn origin_form<B>(req: &mut Request<B>) {
+    if req.uri().authority().is_some() {
+        *req.uri_mut() = http::Uri::from(path_and_query(req.uri()));
+    }
 }
 
 /// Gives the request the absolute `http://authority/path` URI HTTP/2 needs (`:authority`),
@@ -431,12 +465,13 @@ pub fn upgrade_to_h2(parts: &mut http::request::Parts) {
         http::Version::HTTP_10 => "HTTP/1.0",
         _ => return,
     };
+    // The authority travels as `:authority`. Removed before the marker is added, which then
+    // takes its place instead of growing a full map (a rehash of every header).
+    parts.headers.remove(header::HOST);
     parts
         .headers
         .insert(ORIG_PROTO, HeaderValue::from_static(orig));
     parts.version = http::Version::HTTP_2;
-    // The authority travels as `:authority`.
-    parts.headers.remove(header::HOST);
 }
 
 /// Undoes [`upgrade_to_h2`] on the inbound side: restores the version and the `Host` header.
@@ -506,6 +541,28 @@ mod tests {
         assert_eq!(v("-5m"), None);
         assert_eq!(v("5x"), None);
         assert_eq!(v("m"), None);
+    }
+
+    #[test]
+    fn per_request_values_are_never_indexed() {
+        let mut generated = HeaderMap::new();
+        let id = ensure_correlation_id(&mut generated);
+        assert_eq!(id.len(), 36);
+        assert!(id.is_sensitive());
+        assert!(generated[&CORRELATION_ID].is_sensitive());
+
+        let mut given = HeaderMap::new();
+        given.insert(CORRELATION_ID, HeaderValue::from_static("order-17"));
+        given.insert(
+            TRACEPARENT,
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
+        let id = ensure_correlation_id(&mut given);
+        never_index_trace_context(&mut given);
+        assert_eq!(id, "order-17");
+        assert!(id.is_sensitive() && given[&CORRELATION_ID].is_sensitive());
+        assert!(given[&TRACEPARENT].is_sensitive());
+        assert!(grpc_timeout_value(Duration::from_millis(250)).is_sensitive());
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use http::header::HeaderValue;
+use http::uri::Authority;
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 
@@ -18,10 +19,12 @@ use tower::{Layer, ServiceExt, service_fn};
 use super::Shared;
 use super::http::{
     Body, CORRELATION_ID, ErrorKind, OUTRIDER_PEER, ProxyError, boxed, ensure_correlation_id,
-    is_grpc, is_upgrade_head, relay_response, restore_orig_proto, strip_hop_by_hop,
+    is_grpc, is_upgrade_head, path_and_query, relay_response, restore_orig_proto, set_absolute_uri,
+    strip_hop_by_hop,
 };
 use super::outbound::head_too_large;
 use crate::config::{AuthzRule, Config};
+use crate::metrics::{Metrics, RequestMetrics};
 use crate::policy::{LimitLayer, PolicyError};
 use crate::tls::SpiffeId;
 
@@ -29,17 +32,17 @@ use crate::tls::SpiffeId;
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The authenticated caller of an inbound connection.
-#[derive(Debug, Clone)]
 pub struct Peer {
     /// The caller's SPIFFE ID (None when mTLS is disabled).
     pub id: Option<String>,
-    /// The caller's service name, for metrics (`unknown` without an identity).
-    pub service: String,
     header: Option<HeaderValue>,
+    /// The request metrics of the caller's service (`unknown` without an identity), looked up
+    /// once per connection.
+    requests: RequestMetrics,
 }
 
 impl Peer {
-    pub fn new(id: Option<String>) -> Self {
+    pub fn new(id: Option<String>, metrics: &Metrics) -> Self {
         let service = id
             .as_deref()
             .and_then(SpiffeId::parse)
@@ -48,9 +51,14 @@ impl Peer {
         let header = id.as_deref().and_then(|id| HeaderValue::from_str(id).ok());
         Self {
             id,
-            service,
             header,
+            requests: RequestMetrics::new(metrics, "inbound", &service),
         }
+    }
+
+    /// The caller's service name, for metrics.
+    pub fn service(&self) -> &str {
+        self.requests.service()
     }
 }
 
@@ -64,7 +72,7 @@ pub async fn handle(
     let grpc = is_grpc(&req);
     let config = shared.config.load_full();
     if let Some(too_big) = head_too_large(&req, config.limits.max_header_bytes) {
-        return finish(&shared, &peer, started, too_big.into_response(grpc));
+        return finish(&peer, started, too_big.into_response(grpc));
     }
     if shared.inbound_limits.load().is_unlimited() {
         return serve(shared, peer, started, grpc, config, req).await;
@@ -89,7 +97,7 @@ pub async fn handle(
             };
             let refused = ProxyError::new(ErrorKind::RateLimited, "too many requests")
                 .with_retry_after(retry_after);
-            finish(&shared, &peer, started, refused.into_response(grpc))
+            finish(&peer, started, refused.into_response(grpc))
         }
     }
 }
@@ -132,7 +140,7 @@ async fn serve(
         shared
             .metrics
             .authz_denied_total
-            .with_label_values(&[peer.service.as_str()])
+            .with_label_values(&[peer.service()])
             .inc();
         tracing::info!(
             caller = peer.id.as_deref().unwrap_or("-"),
@@ -149,11 +157,13 @@ async fn serve(
                 req.uri().path()
             ),
         );
-        return finish(&shared, &peer, started, denied.into_response(grpc));
+        return finish(&peer, started, denied.into_response(grpc));
     }
 
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    // Kept for the access log only (the path is a copy).
+    let logged = config
+        .access_log
+        .then(|| (req.method().clone(), req.uri().path().to_owned()));
     let (mut parts, body) = req.into_parts();
     let correlation_id = ensure_correlation_id(&mut parts.headers);
     let upgrade = is_upgrade_head(parts.version, &parts.headers);
@@ -190,7 +200,7 @@ async fn serve(
                 .into_response(grpc)
         }
     };
-    if config.access_log {
+    if let Some((method, path)) = logged {
         tracing::info!(
             target: "outrider::access",
             direction = "inbound",
@@ -206,33 +216,24 @@ async fn serve(
     response
         .headers_mut()
         .insert(CORRELATION_ID, correlation_id);
-    finish(&shared, &peer, started, response)
+    finish(&peer, started, response)
 }
 
+/// The app gets origin form over HTTP/1.x and `http://authority/path` over HTTP/2, built from
+/// the parts already parsed (shared bytes: no copy, no parse).
 fn set_app_uri(parts: &mut http::request::Parts, app: std::net::SocketAddr) {
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .map(|pq| pq.as_str())
-        .unwrap_or("/")
-        .to_owned();
-    if parts.version == http::Version::HTTP_2 {
-        let authority = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .unwrap_or_else(|| app.to_string());
-        if let Ok(uri) = Uri::builder()
-            .scheme("http")
-            .authority(authority)
-            .path_and_query(path_and_query)
-            .build()
-        {
-            parts.uri = uri;
-        }
-    } else if let Ok(uri) = path_and_query.parse::<Uri>() {
-        parts.uri = uri;
+    if parts.version != http::Version::HTTP_2 {
+        parts.uri = Uri::from(path_and_query(&parts.uri));
+        return;
     }
+    let authority = match parts.uri.authority() {
+        Some(authority) => authority.clone(),
+        None => match Authority::try_from(app.to_string()) {
+            Ok(authority) => authority,
+            Err(_) => return,
+        },
+    };
+    set_absolute_uri(parts, authority);
 }
 
 /// Without rules every authenticated peer may call; with rules, one must match.
@@ -269,19 +270,8 @@ fn is_plain_path(path: &str) -> bool {
         .all(|segment| segment != "." && segment != "..")
 }
 
-fn finish(
-    shared: &Shared,
-    peer: &Peer,
-    started: Instant,
-    response: Response<Body>,
-) -> Response<Body> {
-    let m = &shared.metrics;
-    m.requests_total
-        .with_label_values(&["inbound", peer.service.as_str(), response.status().as_str()])
-        .inc();
-    m.request_duration_seconds
-        .with_label_values(&["inbound", peer.service.as_str()])
-        .observe(started.elapsed().as_secs_f64());
+fn finish(peer: &Peer, started: Instant, response: Response<Body>) -> Response<Body> {
+    peer.requests.record(response.status(), started.elapsed());
     response
 }
 
@@ -303,7 +293,11 @@ mod authz_tests {
             .uri(path)
             .body(())
             .expect("request");
-        authorized(rules, &Peer::new(caller.map(str::to_string)), &req)
+        authorized(
+            rules,
+            &Peer::new(caller.map(str::to_string), &Metrics::new()),
+            &req,
+        )
     }
 
     const WEB: &str = "spiffe://mesh.local/ns/default/sa/web";

@@ -24,7 +24,7 @@ use self::pool::{EndpointPool, Transport};
 use crate::balance::Balancer;
 use crate::config::Config;
 use crate::discovery::{Discovery, ServiceTarget};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RequestMetrics};
 use crate::policy::{InboundLimits, ServiceState};
 use crate::tls::MeshTls;
 
@@ -43,6 +43,8 @@ pub struct Upstream {
     pub target: Arc<ServiceTarget>,
     pub balancer: Arc<Balancer>,
     pub state: Arc<ServiceState>,
+    /// `requests_total` and `request_duration_seconds` of outbound requests to the service.
+    pub requests: RequestMetrics,
 }
 
 /// Upstreams by service name, then by the namespace the authority named (None: our own).
@@ -136,6 +138,7 @@ impl Shared {
                 .with_label_values(&[target.service.as_str()]),
         ));
         let upstream = Arc::new(Upstream {
+            requests: RequestMetrics::new(m, "outbound", &target.service),
             balancer: Balancer::new(transport, target.endpoints()),
             target,
             state,

@@ -22,8 +22,9 @@ use hyper::body::Incoming;
 
 use super::http::{
     Body, CORRELATION_ID, ErrorKind, GRPC_TIMEOUT, ORIG_PROTO, OUTRIDER_PEER, ProxyError, boxed,
-    empty, ensure_correlation_id, grpc_timeout_value, is_grpc, is_upgrade_head, parse_grpc_timeout,
-    path_and_query, relay_response, set_absolute_uri, strip_hop_by_hop,
+    empty, ensure_correlation_id, grpc_timeout_value, is_grpc, is_upgrade_head,
+    never_index_trace_context, parse_grpc_timeout, relay_response, set_absolute_uri,
+    strip_hop_by_hop,
 };
 use super::pool::SendError;
 use super::route::{is_local, parse_authority};
@@ -104,16 +105,19 @@ pub async fn handle(
             ),
         );
     };
-    let service = upstream.target.service.clone();
+    let service = upstream.target.service.as_str();
     let policy = config
         .policies
-        .for_request(&service, req.method(), req.uri().path())
+        .for_request(service, req.method(), req.uri().path())
         .clone();
 
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    // Kept for the access log only (the path is a copy).
+    let logged = config
+        .access_log
+        .then(|| (req.method().clone(), req.uri().path().to_owned()));
     let (mut parts, body) = req.into_parts();
     let correlation_id = ensure_correlation_id(&mut parts.headers);
+    never_index_trace_context(&mut parts.headers);
     let mut timeout = policy.timeout;
     if grpc && let Some(deadline) = parts.headers.get(GRPC_TIMEOUT).and_then(parse_grpc_timeout) {
         timeout = timeout.min(deadline);
@@ -136,7 +140,7 @@ pub async fn handle(
     let target = Target {
         upstream: upstream.clone(),
         policy: policy.clone(),
-        budget: config.policies.for_service(&service).retry.budget,
+        budget: config.policies.for_service(service).retry.budget,
         access_log: config.access_log,
         deadline,
         timeout,
@@ -144,13 +148,15 @@ pub async fn handle(
     };
     let mut response = match call_stack(target, upstream_req).await {
         Ok(response) => response,
-        Err(error) => policy_error(&service, &policy, error).into_response(grpc),
+        Err(error) => policy_error(service, &policy, error).into_response(grpc),
     };
     response
         .headers_mut()
         .insert(CORRELATION_ID, correlation_id.clone());
-    record(&shared, &service, response.status(), started);
-    if config.access_log {
+    upstream
+        .requests
+        .record(response.status(), started.elapsed());
+    if let Some((method, path)) = logged {
         let endpoint = response.extensions().get::<UpstreamAddr>().map(|a| a.0);
         tracing::info!(
             target: "outrider::access",
@@ -255,18 +261,18 @@ fn policy_error(service: &str, policy: &Policy, error: PolicyError) -> ProxyErro
     }
 }
 
-/// HTTP/2 keeps the service's authority in `:authority`; HTTP/1.1 sends origin form with `Host`.
+/// The upstream URI is absolute (`http://authority/path`) whatever the version: HTTP/2 needs it
+/// for `:authority`, and an HTTP/1.x request that rides HTTP/2 to the other sidecar (the
+/// default) takes its authority from it without parsing `Host` again. HTTP/1.x also keeps
+/// `Host`; the pool writes origin form on HTTP/1.1 connections ([`super::pool`]).
 fn set_upstream_uri(parts: &mut http::request::Parts, authority: &Authority) {
-    if parts.version == http::Version::HTTP_2 {
-        set_absolute_uri(parts, authority.clone());
-        return;
-    }
-    if !parts.headers.contains_key(header::HOST)
+    if parts.version != http::Version::HTTP_2
+        && !parts.headers.contains_key(header::HOST)
         && let Ok(host) = HeaderValue::from_str(authority.as_str())
     {
         parts.headers.insert(header::HOST, host);
     }
-    parts.uri = Uri::from(path_and_query(&parts.uri));
+    set_absolute_uri(parts, authority.clone());
 }
 
 /// One attempt: an endpoint chosen by the balancer, one send within the deadline. Reports the

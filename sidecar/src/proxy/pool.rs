@@ -7,6 +7,7 @@
 //! dial an endpoint address and still send the service's authority, and must choose the TLS
 //! identity per service.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -15,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::future::Either;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -22,7 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::http::{Body, h1_to_h2};
+use super::http::{Body, h1_to_h2, origin_form};
 use crate::tls::{Alpn, MeshTls};
 
 /// How to reach a service's endpoints.
@@ -269,16 +271,23 @@ impl EndpointPool {
     /// Sends a request over HTTP/1.1 (pooled) or HTTP/2 (multiplexed), as `req.version()` says.
     /// To another sidecar, an HTTP/1.x request that finds no free pooled connection once the
     /// pool holds [`mesh_h1_connections`] rides HTTP/2 instead (marked with its version, see
-    /// [`h1_to_h2`]).
-    pub async fn send(
+    /// [`h1_to_h2`]); with the default cap of 0, every one does.
+    ///
+    /// A plain fn choosing between two futures rather than an `async fn` awaiting one of them:
+    /// the request's future is then the larger of the two, not one nested in the other plus a
+    /// copy of the request (`-Zprint-type-sizes`, docs/performance.md).
+    pub fn send(
         &self,
         req: Request<Body>,
         connect_timeout: Duration,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> impl Future<Output = Result<Response<Incoming>, SendError>> + Send + '_ {
+        let all_h2 = matches!(self.transport, Transport::Mesh { .. }) && mesh_h1_connections() == 0;
         if req.version() == http::Version::HTTP_2 {
-            self.send_h2(req, connect_timeout).await
+            Either::Left(self.send_h2(req, connect_timeout))
+        } else if all_h2 {
+            Either::Left(self.send_h2(h1_to_h2(req), connect_timeout))
         } else {
-            self.send_h1(req, connect_timeout).await
+            Either::Right(self.send_h1(req, connect_timeout))
         }
     }
 
@@ -291,10 +300,7 @@ impl EndpointPool {
             Transport::Mesh { .. } => mesh_h1_connections(),
             Transport::Plain => usize::MAX,
         };
-        if cap == 0 {
-            // The default between sidecars: no HTTP/1.1 pool to look into.
-            return self.send_h2(h1_to_h2(req), connect_timeout).await;
-        }
+        origin_form(&mut req);
         // A pooled connection may have been closed by the peer just now: then hyper hands the
         // request back unsent and it goes out on a fresh connection.
         for _ in 0..2 {
@@ -309,7 +315,8 @@ impl EndpointPool {
             };
             let Some(mut sender) = taken else {
                 if open + self.h1_dialing.load(Ordering::Relaxed) >= cap {
-                    return self.send_h2(h1_to_h2(req), connect_timeout).await;
+                    // Boxed: rare, and nesting the HTTP/2 future would enlarge every request's.
+                    return Box::pin(self.send_h2(h1_to_h2(req), connect_timeout)).await;
                 }
                 // Boxed (here and below): dialing is rare, and its large future would otherwise
                 // be part of every request's future.
@@ -371,9 +378,10 @@ impl EndpointPool {
     /// An upgrade request (WebSocket) gets a connection of its own, never returned to the pool.
     pub async fn send_upgrade(
         &self,
-        req: Request<Body>,
+        mut req: Request<Body>,
         connect_timeout: Duration,
     ) -> Result<Response<Incoming>, SendError> {
+        origin_form(&mut req);
         Box::pin(self.connect_h1(connect_timeout))
             .await?
             .send_request(req)

@@ -27,6 +27,17 @@ pub fn host_of(authority: &str) -> &str {
 /// cluster domain after `svc`, optional trailing dot) to a service and namespace. Anything else
 /// (IPs, outside names, bad ports) is `None`. Allocation-free unless a name has upper case.
 pub fn parse_authority(authority: &str) -> Option<ServiceName<'_>> {
+    if let Some(service) = bare_service(authority) {
+        return Some(ServiceName {
+            service: Cow::Borrowed(service),
+            namespace: None,
+        });
+    }
+    parse_general(authority)
+}
+
+/// [`parse_authority`] for every form.
+fn parse_general(authority: &str) -> Option<ServiceName<'_>> {
     if authority.starts_with('[') {
         return None;
     }
@@ -57,6 +68,22 @@ pub fn parse_authority(authority: &str) -> Option<ServiceName<'_>> {
         service: lowered(service),
         namespace: namespace.map(lowered),
     })
+}
+
+/// The common authority, a lower-case service name alone with an optional port (`user-service`,
+/// `user-service:80`), recognized in one pass over its bytes (the general parse costs about
+/// three times as much: `bench/callgrind.sh`). `None` means "not this form", not "invalid".
+fn bare_service(authority: &str) -> Option<&str> {
+    let (host, port) = match authority.split_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (authority, None),
+    };
+    let plain = host
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let port_ok =
+        port.is_none_or(|p| p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok());
+    (plain && port_ok && is_label(host)).then_some(host)
 }
 
 fn lowered(s: &str) -> Cow<'_, str> {
@@ -160,6 +187,39 @@ mod tests {
         ] {
             assert_eq!(parsed(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn the_fast_path_agrees_with_the_general_parse() {
+        let longest = "a".repeat(63);
+        let too_long = "a".repeat(64);
+        let samples = [
+            "user-service",
+            "user-service:80",
+            "user-service:+80",
+            "user-service:",
+            "user-service:99999",
+            "user-service:80:80",
+            "User-Service",
+            "10",
+            "10:80",
+            "-svc",
+            "svc-",
+            "",
+            ":80",
+            &longest,
+            &too_long,
+            "svc.ns",
+        ];
+        for sample in samples {
+            if let Some(fast) = bare_service(sample) {
+                let general = parse_general(sample).map(|n| (n.service, n.namespace));
+                assert_eq!(general, Some((Cow::Borrowed(fast), None)), "{sample:?}");
+            }
+        }
+        assert_eq!(bare_service("user-service:80"), Some("user-service"));
+        assert_eq!(bare_service("svc.ns"), None);
+        assert_eq!(bare_service(&too_long), None);
     }
 
     #[test]

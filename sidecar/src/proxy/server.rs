@@ -427,11 +427,16 @@ pub async fn serve_inbound(
                             return;
                         }
                     };
-                    let peer =
-                        Peer::new(crate::tls::peer_id(stream.get_ref().1.peer_certificates()));
+                    let peer = Peer::new(
+                        crate::tls::peer_id(stream.get_ref().1.peer_certificates()),
+                        &shared.metrics,
+                    );
                     serve_peer(shared, Arc::new(peer), stream, stop).await;
                 }
-                None => serve_peer(shared, Arc::new(Peer::new(None)), tcp, stop).await,
+                None => {
+                    let peer = Arc::new(Peer::new(None, &shared.metrics));
+                    serve_peer(shared, peer, tcp, stop).await
+                }
             }
             drop(open);
         });
