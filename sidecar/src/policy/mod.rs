@@ -2,14 +2,14 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`timeout`] | the whole-request deadline (all attempts and backoff included) |
+//! | [`timeout`] | the request's deadline, on each attempt (all attempts and backoff end by it) |
 //! | [`retry`] | retries: what is retryable, backoff with full jitter, `Retry-After` |
 //! | [`replay`] | request bodies kept (up to `max_body`) so a retry can send them again |
 //! | [`budget`] | the per-service retry budget (`ratio`, `min_per_second`) |
 //! | [`breaker`] | the per-service circuit breaker (closed → open → half-open) |
 //! | [`limit`] | inbound protection: token-bucket rate limit and concurrency limit |
 //!
-//! The outbound stack, outermost first: `Timeout → Retry → Breaker → attempt` (the attempt, in
+//! The outbound stack, outermost first: `Retry → Breaker → Timeout → attempt` (the attempt, in
 //! `proxy::outbound`, picks an endpoint and sends once). Layers are built per request from a
 //! typed target (the upstream's [`ServiceState`], the request's `Arc<Policy>` and its deadline):
 //! plain structs holding `Arc`s, so building one allocates nothing. Policy layers know nothing

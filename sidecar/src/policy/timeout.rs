@@ -1,7 +1,9 @@
-//! The whole-request deadline: every attempt, backoff sleep and `Retry-After` wait of a request
-//! happens before it. Inner layers get the same deadline at construction (the attempt bounds its
-//! send with it so the breaker and the balancer see a timeout as such); this layer is the outer
-//! bound that also cuts off backoff.
+//! The request's deadline, applied to each attempt. Every attempt of a request is bounded by
+//! the same instant, the whole request's deadline (`timeout` after it arrived), and the retry
+//! layer never starts a backoff or `Retry-After` wait that would end after it, so bounding the
+//! attempts bounds the request: one timer per attempt, not one per attempt plus one for the
+//! whole. It sits inside the breaker, which sees the timeout as a failure; the attempt reports
+//! it to outlier detection when it is dropped at the deadline.
 
 use std::future::Future;
 use std::pin::Pin;

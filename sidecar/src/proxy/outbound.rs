@@ -1,7 +1,7 @@
 //! The outbound listener's request path: the local app's calls to other services.
 //! Route by authority (proxy-form URI, `Host`, h2 `:authority`, or the target of a `CONNECT`
 //! tunnel) → the request's policy (route, service or default) → the policy stack
-//! (`Timeout → Retry → Breaker`, see [`crate::policy`]) → [`Attempt`]: one endpoint chosen by the
+//! (`Retry → Breaker → Timeout`, see [`crate::policy`]) → [`Attempt`]: one endpoint chosen by the
 //! balancer, one send on a pooled connection. Requests addressed to the sidecar itself go to the
 //! local API (the broker bridge).
 
@@ -29,7 +29,7 @@ use super::http::{
 use super::pool::SendError;
 use super::route::{is_local, parse_authority};
 use super::{Shared, Upstream, server};
-use crate::balance::NoEndpoint;
+use crate::balance::{InFlight, NoEndpoint};
 use crate::config::{Policy, RetryBudget};
 use crate::policy::{BreakerLayer, Failure, PolicyError, RetryLayer, TimeoutLayer};
 
@@ -187,7 +187,7 @@ struct Target {
     grpc: bool,
 }
 
-/// Builds the outbound stack for one request and calls it: `Timeout → Retry → Breaker →
+/// Builds the outbound stack for one request and calls it: `Retry → Breaker → Timeout →
 /// Attempt`. Building it allocates nothing (structs of `Arc`s). A plain fn returning an
 /// `impl Future + Send` (rather than inline in the async handler) so the compiler proves `Send`
 /// with concrete lifetimes.
@@ -197,7 +197,6 @@ fn call_stack(
 ) -> impl Future<Output = Result<Response<Body>, PolicyError>> + Send + 'static {
     let state = t.upstream.state.clone();
     ServiceBuilder::new()
-        .layer(TimeoutLayer::new(t.deadline, t.timeout))
         .layer(RetryLayer::new(
             state.clone(),
             t.policy.clone(),
@@ -206,11 +205,11 @@ fn call_stack(
             t.grpc,
         ))
         .layer(BreakerLayer::new(state, t.policy.clone(), t.deadline))
+        .layer(TimeoutLayer::new(t.deadline, t.timeout))
         .service(Attempt {
             upstream: t.upstream,
             policy: t.policy,
             deadline: t.deadline,
-            timeout: t.timeout,
             grpc: t.grpc,
             access_log: t.access_log,
         })
@@ -275,16 +274,14 @@ fn set_upstream_uri(parts: &mut http::request::Parts, authority: &Authority) {
     set_absolute_uri(parts, authority.clone());
 }
 
-/// One attempt: an endpoint chosen by the balancer, one send within the deadline. Reports the
-/// outcome to the endpoint's outlier detection and latency estimate. The innermost service of
-/// the outbound stack.
+/// One attempt: an endpoint chosen by the balancer, one send. Reports the outcome to the
+/// endpoint's outlier detection and latency estimate. The innermost service of the outbound
+/// stack; the [`TimeoutLayer`] around it bounds it by the request's deadline.
 #[derive(Clone)]
 pub struct Attempt {
     upstream: Arc<Upstream>,
     policy: Arc<Policy>,
     deadline: tokio::time::Instant,
-    /// The request's time budget (for the error message).
-    timeout: Duration,
     grpc: bool,
     access_log: bool,
 }
@@ -315,6 +312,10 @@ impl Attempt {
             Err(e) => return Err(no_endpoint(e)),
         };
         let endpoint = in_flight.endpoint.clone();
+        let outcome = Outcome {
+            in_flight: Some(in_flight),
+            attempt: &self,
+        };
         if self.grpc {
             let left = self
                 .deadline
@@ -328,22 +329,13 @@ impl Attempt {
             .and_then(|u| u.0.lock().unwrap_or_else(|p| p.into_inner()).take());
         let connect_timeout = self.policy.connect_timeout;
         let sent = if client_upgrade.is_some() {
-            tokio::time::timeout_at(
-                self.deadline,
-                endpoint.pool.send_upgrade(req, connect_timeout),
-            )
-            .await
+            endpoint.pool.send_upgrade(req, connect_timeout).await
         } else {
-            tokio::time::timeout_at(self.deadline, endpoint.pool.send(req, connect_timeout)).await
+            endpoint.pool.send(req, connect_timeout).await
         };
-        let state = &self.upstream.state;
-        let outlier = &self.policy.outlier;
         match sent {
-            Ok(Ok(response)) => {
-                let ok = !crate::policy::is_failure(&response);
-                if in_flight.finish(ok, outlier) {
-                    state.ejections.inc();
-                }
+            Ok(response) => {
+                outcome.finish(!crate::policy::is_failure(&response));
                 let mut response = relay_response(response, client_upgrade);
                 if self.access_log {
                     response
@@ -352,25 +344,49 @@ impl Attempt {
                 }
                 Ok(response)
             }
-            Ok(Err(error)) if error.client_body_failed() => {
+            Err(error) if error.client_body_failed() => {
                 // Not the endpoint's fault: no outlier penalty.
-                in_flight.finish(true, outlier);
+                outcome.finish(true);
                 Err(PolicyError::BadRequest(
                     "the request body was malformed or cut short".into(),
                 ))
             }
-            Ok(Err(error)) => {
-                if in_flight.finish(false, outlier) {
-                    state.ejections.inc();
-                }
+            Err(error) => {
+                outcome.finish(false);
                 Err(PolicyError::upstream(failure_of(&error), error))
             }
-            Err(_) => {
-                if in_flight.finish(false, outlier) {
-                    state.ejections.inc();
-                }
-                Err(PolicyError::Timeout(self.timeout))
-            }
+        }
+    }
+}
+
+/// An attempt's report to outlier detection. An attempt the [`TimeoutLayer`] drops at the
+/// deadline counts as the endpoint's failure, like one that failed; one dropped earlier (the
+/// client went away) counts as nothing.
+struct Outcome<'a> {
+    in_flight: Option<InFlight>,
+    attempt: &'a Attempt,
+}
+
+impl Outcome<'_> {
+    fn finish(mut self, success: bool) {
+        if let Some(in_flight) = self.in_flight.take() {
+            self.report(in_flight, success);
+        }
+    }
+
+    fn report(&self, in_flight: InFlight, success: bool) {
+        if in_flight.finish(success, &self.attempt.policy.outlier) {
+            self.attempt.upstream.state.ejections.inc();
+        }
+    }
+}
+
+impl Drop for Outcome<'_> {
+    fn drop(&mut self) {
+        if let Some(in_flight) = self.in_flight.take()
+            && tokio::time::Instant::now() >= self.attempt.deadline
+        {
+            self.report(in_flight, false);
         }
     }
 }
