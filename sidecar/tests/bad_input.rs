@@ -89,6 +89,24 @@ async fn malformed_http1_requests_get_400_and_nothing_reaches_the_app() {
     still_serves(&pair).await;
 }
 
+/// A body that breaks after its head and first chunk went out over the mesh's HTTP/2 leg: the
+/// caller's sidecar resets the stream and answers 400 itself (the client's fault, not the
+/// upstream's), and keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_body_that_breaks_mid_way_gets_400() {
+    let pki = Pki::new();
+    let app = apps::http_app("users").await;
+    let pair = Pair::start(&pki, "user-service", app.addr, "", "");
+    let out = pair.caller.ports.outbound;
+    let bytes = b"POST /echo HTTP/1.1\r\nHost: user-service\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZ\r\n".to_vec();
+    let answer = tokio::task::spawn_blocking(move || raw(out, &bytes))
+        .await
+        .expect("join");
+    assert_eq!(status_of(&answer), Some(400), "{answer:?}");
+    assert!(answer.contains("bad-request"), "{answer:?}");
+    still_serves(&pair).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn request_smuggling_attempts_are_not_split_into_two_requests() {
     let pki = Pki::new();

@@ -500,7 +500,7 @@ pub fn restore_orig_proto(parts: &mut http::request::Parts) {
 /// Turns an upstream's (or the app's) response into the client's: hop-by-hop headers removed;
 /// a `101 Switching Protocols` answer to an upgrade request splices the two connections.
 pub fn relay_response(
-    mut response: Response<hyper::body::Incoming>,
+    mut response: Response<Body>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<Body> {
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -512,9 +512,8 @@ pub fn relay_response(
         strip_hop_by_hop(&mut parts.headers, true);
         return Response::from_parts(parts, empty());
     }
-    let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers, false);
-    Response::from_parts(parts, boxed(body))
+    strip_hop_by_hop(response.headers_mut(), false);
+    response
 }
 
 /// Copies bytes both ways between an upgraded client connection and the upstream's.

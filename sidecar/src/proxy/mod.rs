@@ -4,6 +4,7 @@
 //! Flow: listener ([`server`]) → route ([`outbound`]/[`inbound`]) → policy → endpoint
 //! ([`crate::balance`]) → connection ([`pool`]).
 
+mod h2_client;
 pub mod http;
 pub mod inbound;
 pub mod outbound;

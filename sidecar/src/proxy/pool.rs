@@ -18,13 +18,13 @@ use std::time::Duration;
 
 use futures_util::future::Either;
 use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::http::{Body, h1_to_h2, origin_form};
+use super::h2_client;
+use super::http::{Body, boxed, h1_to_h2, origin_form};
 use crate::tls::{Alpn, MeshTls};
 
 /// How to reach a service's endpoints.
@@ -48,6 +48,8 @@ pub enum ConnectError {
     Tls(SocketAddr, io::Error),
     #[error("HTTP handshake with {0} failed: {1}")]
     Http(SocketAddr, hyper::Error),
+    #[error("HTTP/2 handshake with {0} failed: {1}")]
+    H2(SocketAddr, h2::Error),
 }
 
 /// Why a request failed on its way to the upstream.
@@ -58,6 +60,9 @@ pub enum SendError {
     /// The request was (or may have been) sent and the exchange failed.
     #[error("upstream {0}: {1}")]
     Http(SocketAddr, hyper::Error),
+    /// The same, on an HTTP/2 connection ([`h2_client`]).
+    #[error("upstream {0}: {1}")]
+    H2(SocketAddr, #[source] h2::Error),
 }
 
 impl SendError {
@@ -69,8 +74,11 @@ impl SendError {
     /// True when the exchange failed because the client's own request body failed (malformed
     /// chunked encoding, a client that went away): the client's fault, not the upstream's.
     pub fn client_body_failed(&self) -> bool {
-        let SendError::Http(_, e) = self else {
-            return false;
+        let e = match self {
+            SendError::Connect(_) => return false,
+            // A body that fails resets the stream from our side ([`h2_client`]).
+            SendError::H2(_, h2) => return is_own_reset(h2),
+            SendError::Http(_, e) => e,
         };
         if e.is_user() || e.is_body_write_aborted() {
             return true;
@@ -80,12 +88,17 @@ impl SendError {
         let mut source = std::error::Error::source(e);
         while let Some(err) = source {
             if let Some(h2) = err.downcast_ref::<h2::Error>() {
-                return h2.is_reset() && !h2.is_remote() && !h2.is_library();
+                return is_own_reset(h2);
             }
             source = err.source();
         }
         false
     }
+}
+
+/// A stream reset by this side itself (neither the peer nor h2's protocol checks).
+fn is_own_reset(h2: &h2::Error) -> bool {
+    h2.is_reset() && !h2.is_remote() && !h2.is_library()
 }
 
 /// A TCP or TLS stream to an upstream.
@@ -251,7 +264,7 @@ pub struct EndpointPool {
     /// HTTP/1.1 connections being dialed (they count against `MESH_H1_CONNECTIONS`).
     h1_dialing: AtomicUsize,
     /// The multiplexed connection, when one is open (a plain mutex: held only to clone).
-    h2: Mutex<Option<http2::SendRequest<Body>>>,
+    h2: Mutex<Option<h2_client::Connection>>,
     /// Serializes dialing the HTTP/2 connection, so concurrent first requests share one.
     h2_dialing: tokio::sync::Mutex<()>,
 }
@@ -280,7 +293,7 @@ impl EndpointPool {
         &self,
         req: Request<Body>,
         connect_timeout: Duration,
-    ) -> impl Future<Output = Result<Response<Incoming>, SendError>> + Send + '_ {
+    ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + '_ {
         let all_h2 = matches!(self.transport, Transport::Mesh { .. }) && mesh_h1_connections() == 0;
         if req.version() == http::Version::HTTP_2 {
             Either::Left(self.send_h2(req, connect_timeout))
@@ -295,7 +308,7 @@ impl EndpointPool {
         &self,
         mut req: Request<Body>,
         connect_timeout: Duration,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Response<Body>, SendError> {
         let cap = match self.transport {
             Transport::Mesh { .. } => mesh_h1_connections(),
             Transport::Plain => usize::MAX,
@@ -328,7 +341,7 @@ impl EndpointPool {
                 .unwrap_or_else(|p| p.into_inner())
                 .push(sender);
             match sent.await {
-                Ok(resp) => return Ok(resp),
+                Ok(resp) => return Ok(resp.map(boxed)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
                     None => return Err(SendError::Http(self.addr, e.into_error())),
@@ -359,7 +372,7 @@ impl EndpointPool {
         &self,
         req: Request<Body>,
         connect_timeout: Duration,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Response<Body>, SendError> {
         let connected = {
             let _dialing = Dialing::start(&self.h1_dialing);
             self.connect_h1(connect_timeout).await
@@ -372,7 +385,10 @@ impl EndpointPool {
                 idle.push(sender);
             }
         }
-        future.await.map_err(|e| SendError::Http(self.addr, e))
+        future
+            .await
+            .map(|resp| resp.map(boxed))
+            .map_err(|e| SendError::Http(self.addr, e))
     }
 
     /// An upgrade request (WebSocket) gets a connection of its own, never returned to the pool.
@@ -380,27 +396,29 @@ impl EndpointPool {
         &self,
         mut req: Request<Body>,
         connect_timeout: Duration,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Response<Body>, SendError> {
         origin_form(&mut req);
         Box::pin(self.connect_h1(connect_timeout))
             .await?
             .send_request(req)
             .await
+            .map(|resp| resp.map(boxed))
             .map_err(|e| SendError::Http(self.addr, e))
     }
 
     /// The open HTTP/2 connection, if any.
-    fn h2_open(&self) -> Option<http2::SendRequest<Body>> {
+    fn h2_open(&self) -> Option<h2_client::Connection> {
         let slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-        slot.as_ref().filter(|s| !s.is_closed()).cloned()
+        slot.as_ref().filter(|c| !c.is_closed()).cloned()
     }
 
-    async fn h2_sender(
+    /// The open HTTP/2 connection, or a new one.
+    async fn h2_connection(
         &self,
         connect_timeout: Duration,
-    ) -> Result<http2::SendRequest<Body>, ConnectError> {
-        if let Some(sender) = self.h2_open() {
-            return Ok(sender);
+    ) -> Result<h2_client::Connection, ConnectError> {
+        if let Some(connection) = self.h2_open() {
+            return Ok(connection);
         }
         Box::pin(self.h2_connect(connect_timeout)).await
     }
@@ -409,46 +427,37 @@ impl EndpointPool {
     async fn h2_connect(
         &self,
         connect_timeout: Duration,
-    ) -> Result<http2::SendRequest<Body>, ConnectError> {
+    ) -> Result<h2_client::Connection, ConnectError> {
         let _dialing = self.h2_dialing.lock().await;
-        if let Some(sender) = self.h2_open() {
-            return Ok(sender);
+        if let Some(connection) = self.h2_open() {
+            return Ok(connection);
         }
         let io = dial(&self.transport, self.addr, Alpn::Http2, connect_timeout).await?;
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .adaptive_window(true)
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .handshake(TokioIo::new(io))
+        let connection = h2_client::Connection::handshake(io)
             .await
-            .map_err(|e| ConnectError::Http(self.addr, e))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
-        Ok(sender)
+            .map_err(|e| ConnectError::H2(self.addr, e))?;
+        *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(connection.clone());
+        Ok(connection)
     }
 
     async fn send_h2(
         &self,
         req: Request<Body>,
         connect_timeout: Duration,
-    ) -> Result<Response<Incoming>, SendError> {
-        let mut sender = self.h2_sender(connect_timeout).await?;
-        match sender.try_send_request(req).await {
-            Ok(resp) => Ok(resp),
-            Err(mut e) => match e.take_message() {
-                // The connection went away before the request was sent: once more, fresh.
-                Some(unsent) => {
-                    let mut sender = self.h2_sender(connect_timeout).await?;
-                    sender
-                        .send_request(unsent)
-                        .await
-                        .map_err(|e| SendError::Http(self.addr, e))
-                }
-                None => Err(SendError::Http(self.addr, e.into_error())),
-            },
-        }
+    ) -> Result<Response<Body>, SendError> {
+        let ready = match self.h2_connection(connect_timeout).await?.ready().await {
+            Ok(ready) => ready,
+            // The connection went away before the request was sent: once more, fresh.
+            Err(_) => self
+                .h2_connection(connect_timeout)
+                .await?
+                .ready()
+                .await
+                .map_err(|e| SendError::H2(self.addr, e))?,
+        };
+        ready
+            .send(req)
+            .await
+            .map_err(|e| SendError::H2(self.addr, e))
     }
 }
