@@ -110,7 +110,12 @@ pub struct Ready(SendRequest<Bytes>);
 
 impl Ready {
     /// Sends `req` (its URI absolute: `:scheme`, `:authority`) and waits for the response head.
-    pub async fn send(self, req: Request<Body>) -> Result<Response<Body>, h2::Error> {
+    /// The head goes out before the returned future is first polled, so that future holds only
+    /// h2's response future, not the request.
+    pub fn send(
+        self,
+        req: Request<Body>,
+    ) -> impl Future<Output = Result<Response<Body>, h2::Error>> + Send + 'static {
         let Ready(mut sender) = self;
         let (parts, body) = req.into_parts();
         let mut head = Request::from_parts(parts, ());
@@ -122,17 +127,25 @@ impl Ready {
             head.headers_mut()
                 .insert(CONTENT_LENGTH, HeaderValue::from(len));
         }
-        let (response, send_stream) = sender.send_request(head, end_of_stream)?;
-        if !end_of_stream {
-            tokio::spawn(pipe(body, send_stream));
+        let sent = sender.send_request(head, end_of_stream);
+        let response = match sent {
+            Ok((response, send_stream)) => {
+                if !end_of_stream {
+                    tokio::spawn(pipe(body, send_stream));
+                }
+                Ok(response)
+            }
+            Err(e) => Err(e),
+        };
+        async move {
+            let response = response?.await?;
+            Ok(response.map(|recv| {
+                boxed(ResponseBody {
+                    recv,
+                    data_done: false,
+                })
+            }))
         }
-        let response = response.await?;
-        Ok(response.map(|recv| {
-            boxed(ResponseBody {
-                recv,
-                data_done: false,
-            })
-        }))
     }
 }
 

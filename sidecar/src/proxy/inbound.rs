@@ -63,41 +63,43 @@ impl Peer {
 }
 
 /// Handles one request from another sidecar.
-pub async fn handle(
+pub fn handle(
     shared: Arc<Shared>,
     peer: Arc<Peer>,
     req: Request<Incoming>,
-) -> Response<Body> {
-    let started = Instant::now();
-    let grpc = is_grpc(&req);
-    let config = shared.config.load_full();
-    if let Some(too_big) = head_too_large(&req, config.limits.max_header_bytes) {
-        return finish(&peer, started, too_big.into_response(grpc));
-    }
-    if shared.inbound_limits.load().is_unlimited() {
-        return serve(shared, peer, started, grpc, config, req).await;
-    }
-    let limits = shared.inbound_limits.load_full();
-    let limited = limited(
-        limits,
-        shared.clone(),
-        peer.clone(),
-        started,
-        grpc,
-        config,
-        req,
-    );
-    match limited.await {
-        Ok(response) => response,
-        Err(error) => {
-            shared.metrics.rate_limited_total.inc();
-            let retry_after = match error {
-                PolicyError::RateLimited { retry_after } => retry_after,
-                _ => Duration::from_secs(1),
-            };
-            let refused = ProxyError::new(ErrorKind::RateLimited, "too many requests")
-                .with_retry_after(retry_after);
-            finish(&peer, started, refused.into_response(grpc))
+) -> impl Future<Output = Response<Body>> + Send + 'static {
+    async move {
+        let started = Instant::now();
+        let grpc = is_grpc(&req);
+        let config = shared.config.load_full();
+        if let Some(too_big) = head_too_large(&req, config.limits.max_header_bytes) {
+            return finish(&peer, started, too_big.into_response(grpc));
+        }
+        if shared.inbound_limits.load().is_unlimited() {
+            return serve(shared, peer, started, grpc, config, req).await;
+        }
+        let limits = shared.inbound_limits.load_full();
+        let limited = limited(
+            limits,
+            shared.clone(),
+            peer.clone(),
+            started,
+            grpc,
+            config,
+            req,
+        );
+        match limited.await {
+            Ok(response) => response,
+            Err(error) => {
+                shared.metrics.rate_limited_total.inc();
+                let retry_after = match error {
+                    PolicyError::RateLimited { retry_after } => retry_after,
+                    _ => Duration::from_secs(1),
+                };
+                let refused = ProxyError::new(ErrorKind::RateLimited, "too many requests")
+                    .with_retry_after(retry_after);
+                finish(&peer, started, refused.into_response(grpc))
+            }
         }
     }
 }
@@ -128,95 +130,97 @@ fn limited(
 }
 
 /// Authorizes the request and hands it to the app.
-async fn serve(
+fn serve(
     shared: Arc<Shared>,
     peer: Arc<Peer>,
     started: Instant,
     grpc: bool,
     config: Arc<Config>,
     req: Request<Incoming>,
-) -> Response<Body> {
-    if !authorized(&config.inbound.authorize, &peer, &req) {
-        shared
-            .metrics
-            .authz_denied_total
-            .with_label_values(&[peer.service()])
-            .inc();
-        tracing::info!(
-            caller = peer.id.as_deref().unwrap_or("-"),
-            method = %req.method(),
-            path = req.uri().path(),
-            "request denied by inbound.authorize"
-        );
-        let denied = ProxyError::new(
-            ErrorKind::Forbidden,
-            format!(
-                "{} may not call {} {}",
-                peer.id.as_deref().unwrap_or("this caller"),
-                req.method(),
-                req.uri().path()
-            ),
-        );
-        return finish(&peer, started, denied.into_response(grpc));
-    }
-
-    // Kept for the access log only (the path is a copy).
-    let logged = config
-        .access_log
-        .then(|| (req.method().clone(), req.uri().path().to_owned()));
-    let (mut parts, body) = req.into_parts();
-    let correlation_id = ensure_correlation_id(&mut parts.headers);
-    let upgrade = is_upgrade_head(parts.version, &parts.headers);
-    let client_upgrade = if upgrade {
-        parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
-    } else {
-        None
-    };
-    strip_hop_by_hop(&mut parts.headers, upgrade);
-    restore_orig_proto(&mut parts);
-    // Only this sidecar may say who the caller is.
-    parts.headers.remove(OUTRIDER_PEER);
-    if let Some(value) = &peer.header {
-        parts.headers.insert(OUTRIDER_PEER, value.clone());
-    }
-    set_app_uri(&mut parts, config.app);
-    let app_req = Request::from_parts(parts, boxed(body));
-
-    let result = if client_upgrade.is_some() {
-        shared.app.send_upgrade(app_req, APP_CONNECT_TIMEOUT).await
-    } else {
-        shared.app.send(app_req, APP_CONNECT_TIMEOUT).await
-    };
-    let mut response = match result {
-        Ok(response) => relay_response(response, client_upgrade),
-        Err(error) if error.client_body_failed() => ProxyError::new(
-            ErrorKind::BadRequest,
-            "the request body was malformed or cut short",
-        )
-        .into_response(grpc),
-        Err(error) => {
-            tracing::warn!(%error, "the local app is unreachable");
-            ProxyError::new(ErrorKind::Unavailable, "the service's app is unreachable")
-                .into_response(grpc)
+) -> impl Future<Output = Response<Body>> + Send + 'static {
+    async move {
+        if !authorized(&config.inbound.authorize, &peer, &req) {
+            shared
+                .metrics
+                .authz_denied_total
+                .with_label_values(&[peer.service()])
+                .inc();
+            tracing::info!(
+                caller = peer.id.as_deref().unwrap_or("-"),
+                method = %req.method(),
+                path = req.uri().path(),
+                "request denied by inbound.authorize"
+            );
+            let denied = ProxyError::new(
+                ErrorKind::Forbidden,
+                format!(
+                    "{} may not call {} {}",
+                    peer.id.as_deref().unwrap_or("this caller"),
+                    req.method(),
+                    req.uri().path()
+                ),
+            );
+            return finish(&peer, started, denied.into_response(grpc));
         }
-    };
-    if let Some((method, path)) = logged {
-        tracing::info!(
-            target: "outrider::access",
-            direction = "inbound",
-            correlation_id = correlation_id.to_str().unwrap_or(""),
-            method = %method,
-            path = %path,
-            caller = peer.id.as_deref().unwrap_or("-"),
-            status = response.status().as_u16(),
-            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-            upstream = %config.app,
-        );
+
+        // Kept for the access log only (the path is a copy).
+        let logged = config
+            .access_log
+            .then(|| (req.method().clone(), req.uri().path().to_owned()));
+        let (mut parts, body) = req.into_parts();
+        let correlation_id = ensure_correlation_id(&mut parts.headers);
+        let upgrade = is_upgrade_head(parts.version, &parts.headers);
+        let client_upgrade = if upgrade {
+            parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+        } else {
+            None
+        };
+        strip_hop_by_hop(&mut parts.headers, upgrade);
+        restore_orig_proto(&mut parts);
+        // Only this sidecar may say who the caller is.
+        parts.headers.remove(OUTRIDER_PEER);
+        if let Some(value) = &peer.header {
+            parts.headers.insert(OUTRIDER_PEER, value.clone());
+        }
+        set_app_uri(&mut parts, config.app);
+        let app_req = Request::from_parts(parts, boxed(body));
+
+        let result = if client_upgrade.is_some() {
+            shared.app.send_upgrade(app_req, APP_CONNECT_TIMEOUT).await
+        } else {
+            shared.app.send(app_req, APP_CONNECT_TIMEOUT).await
+        };
+        let mut response = match result {
+            Ok(response) => relay_response(response, client_upgrade),
+            Err(error) if error.client_body_failed() => ProxyError::new(
+                ErrorKind::BadRequest,
+                "the request body was malformed or cut short",
+            )
+            .into_response(grpc),
+            Err(error) => {
+                tracing::warn!(%error, "the local app is unreachable");
+                ProxyError::new(ErrorKind::Unavailable, "the service's app is unreachable")
+                    .into_response(grpc)
+            }
+        };
+        if let Some((method, path)) = logged {
+            tracing::info!(
+                target: "outrider::access",
+                direction = "inbound",
+                correlation_id = correlation_id.to_str().unwrap_or(""),
+                method = %method,
+                path = %path,
+                caller = peer.id.as_deref().unwrap_or("-"),
+                status = response.status().as_u16(),
+                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                upstream = %config.app,
+            );
+        }
+        response
+            .headers_mut()
+            .insert(CORRELATION_ID, correlation_id);
+        finish(&peer, started, response)
     }
-    response
-        .headers_mut()
-        .insert(CORRELATION_ID, correlation_id);
-    finish(&peer, started, response)
 }
 
 /// The app gets origin form over HTTP/1.x and `http://authority/path` over HTTP/2, built from

@@ -38,139 +38,143 @@ const FIRST_RESOLUTION_WAIT: Duration = Duration::from_secs(2);
 
 /// Handles one request from the local app. `tunnel` is the target of the `CONNECT` tunnel the
 /// request arrived in, if any (it is the authority when the request names none).
-pub async fn handle(
+pub fn handle(
     shared: Arc<Shared>,
     listener: SocketAddr,
     tunnel: Option<Arc<str>>,
     req: Request<Incoming>,
-) -> Response<Body> {
-    let started = Instant::now();
-    let grpc = is_grpc(&req);
-    if req.method() == Method::CONNECT {
-        return connect(shared, listener, req);
-    }
-    let config = shared.config.load_full();
-    if let Some(too_big) = head_too_large(&req, config.limits.max_header_bytes) {
-        return too_big.into_response(grpc);
-    }
-    // An `Authority` is a shared byte string: taking the URI's is a reference-count increment,
-    // and the upstream URI below reuses it.
-    let authority = match req.uri().authority() {
-        Some(a) => Some(a.clone()),
-        None => req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| Authority::try_from(h.as_bytes()).ok())
-            .or_else(|| tunnel.as_deref().and_then(|t| Authority::try_from(t).ok())),
-    };
-    let Some(authority) = authority else {
-        return ProxyError::new(
-            ErrorKind::BadRequest,
-            "the request names no service (no authority or Host)",
-        )
-        .into_response(grpc);
-    };
-    if is_local(authority.as_str(), listener) {
-        return match &shared.local_api {
-            Some(api) => api.handle(req).await,
-            None => ProxyError::new(
-                ErrorKind::NotFound,
-                "no local API here: the broker is not configured",
-            )
-            .into_response(grpc),
+) -> impl Future<Output = Response<Body>> + Send + 'static {
+    async move {
+        let started = Instant::now();
+        let grpc = is_grpc(&req);
+        if req.method() == Method::CONNECT {
+            return connect(shared, listener, req);
+        }
+        let config = shared.config.load_full();
+        if let Some(too_big) = head_too_large(&req, config.limits.max_header_bytes) {
+            return too_big.into_response(grpc);
+        }
+        // An `Authority` is a shared byte string: taking the URI's is a reference-count increment,
+        // and the upstream URI below reuses it.
+        let authority = match req.uri().authority() {
+            Some(a) => Some(a.clone()),
+            None => req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+                .or_else(|| tunnel.as_deref().and_then(|t| Authority::try_from(t).ok())),
         };
-    }
-    let Some(name) = parse_authority(authority.as_str()) else {
-        return finish_error(
-            &shared,
-            "unknown",
-            started,
-            grpc,
-            ProxyError::new(
-                ErrorKind::UnknownService,
-                format!("`{authority}` does not name a mesh service"),
-            ),
-        );
-    };
-    let Some(upstream) = shared.upstream(&name.service, name.namespace.as_deref()) else {
-        let service = name.service.into_owned();
-        return finish_error(
-            &shared,
-            &service,
-            started,
-            grpc,
-            ProxyError::new(
-                ErrorKind::UnknownService,
-                format!("unknown service `{service}`"),
-            ),
-        );
-    };
-    let service = upstream.target.service.as_str();
-    let policy = config
-        .policies
-        .for_request(service, req.method(), req.uri().path())
-        .clone();
+        let Some(authority) = authority else {
+            return ProxyError::new(
+                ErrorKind::BadRequest,
+                "the request names no service (no authority or Host)",
+            )
+            .into_response(grpc);
+        };
+        if is_local(authority.as_str(), listener) {
+            return match &shared.local_api {
+                Some(api) => api.handle(req).await,
+                None => ProxyError::new(
+                    ErrorKind::NotFound,
+                    "no local API here: the broker is not configured",
+                )
+                .into_response(grpc),
+            };
+        }
+        let Some(name) = parse_authority(authority.as_str()) else {
+            return finish_error(
+                &shared,
+                "unknown",
+                started,
+                grpc,
+                ProxyError::new(
+                    ErrorKind::UnknownService,
+                    format!("`{authority}` does not name a mesh service"),
+                ),
+            );
+        };
+        let Some(upstream) = shared.upstream(&name.service, name.namespace.as_deref()) else {
+            let service = name.service.into_owned();
+            return finish_error(
+                &shared,
+                &service,
+                started,
+                grpc,
+                ProxyError::new(
+                    ErrorKind::UnknownService,
+                    format!("unknown service `{service}`"),
+                ),
+            );
+        };
+        let service = upstream.target.service.as_str();
+        let policy = config
+            .policies
+            .for_request(service, req.method(), req.uri().path())
+            .clone();
 
-    // Kept for the access log only (the path is a copy).
-    let logged = config
-        .access_log
-        .then(|| (req.method().clone(), req.uri().path().to_owned()));
-    let (mut parts, body) = req.into_parts();
-    let correlation_id = ensure_correlation_id(&mut parts.headers);
-    never_index_trace_context(&mut parts.headers);
-    let mut timeout = policy.timeout;
-    if grpc && let Some(deadline) = parts.headers.get(GRPC_TIMEOUT).and_then(parse_grpc_timeout) {
-        timeout = timeout.min(deadline);
-    }
-    let deadline = tokio::time::Instant::now() + timeout;
-    let upgrade = is_upgrade_head(parts.version, &parts.headers);
-    if upgrade && let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() {
-        parts
-            .extensions
-            .insert(ClientUpgrade(Arc::new(std::sync::Mutex::new(Some(
-                on_upgrade,
-            )))));
-    }
-    strip_hop_by_hop(&mut parts.headers, upgrade);
-    parts.headers.remove(OUTRIDER_PEER);
-    parts.headers.remove(ORIG_PROTO);
-    set_upstream_uri(&mut parts, &authority);
-    let upstream_req = Request::from_parts(parts, boxed(body));
+        // Kept for the access log only (the path is a copy).
+        let logged = config
+            .access_log
+            .then(|| (req.method().clone(), req.uri().path().to_owned()));
+        let (mut parts, body) = req.into_parts();
+        let correlation_id = ensure_correlation_id(&mut parts.headers);
+        never_index_trace_context(&mut parts.headers);
+        let mut timeout = policy.timeout;
+        if grpc && let Some(deadline) = parts.headers.get(GRPC_TIMEOUT).and_then(parse_grpc_timeout)
+        {
+            timeout = timeout.min(deadline);
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let upgrade = is_upgrade_head(parts.version, &parts.headers);
+        if upgrade && let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+        {
+            parts
+                .extensions
+                .insert(ClientUpgrade(Arc::new(std::sync::Mutex::new(Some(
+                    on_upgrade,
+                )))));
+        }
+        strip_hop_by_hop(&mut parts.headers, upgrade);
+        parts.headers.remove(OUTRIDER_PEER);
+        parts.headers.remove(ORIG_PROTO);
+        set_upstream_uri(&mut parts, &authority);
+        let upstream_req = Request::from_parts(parts, boxed(body));
 
-    let target = Target {
-        upstream: upstream.clone(),
-        policy: policy.clone(),
-        budget: config.policies.for_service(service).retry.budget,
-        access_log: config.access_log,
-        deadline,
-        timeout,
-        grpc,
-    };
-    let mut response = match call_stack(target, upstream_req).await {
-        Ok(response) => response,
-        Err(error) => policy_error(service, &policy, error).into_response(grpc),
-    };
-    response
-        .headers_mut()
-        .insert(CORRELATION_ID, correlation_id.clone());
-    upstream
-        .requests
-        .record(response.status(), started.elapsed());
-    if let Some((method, path)) = logged {
-        let endpoint = response.extensions().get::<UpstreamAddr>().map(|a| a.0);
-        tracing::info!(
-            target: "outrider::access",
-            direction = "outbound",
-            correlation_id = correlation_id.to_str().unwrap_or(""),
-            method = %method,
-            authority = %authority,
-            path = %path,
-            status = response.status().as_u16(),
-            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-            upstream = %endpoint.map(|e| e.to_string()).unwrap_or_default(),
-        );
+        let target = Target {
+            upstream: upstream.clone(),
+            policy: policy.clone(),
+            budget: config.policies.for_service(service).retry.budget,
+            access_log: config.access_log,
+            deadline,
+            timeout,
+            grpc,
+        };
+        let mut response = match call_stack(target, upstream_req).await {
+            Ok(response) => response,
+            Err(error) => policy_error(service, &policy, error).into_response(grpc),
+        };
+        response
+            .headers_mut()
+            .insert(CORRELATION_ID, correlation_id.clone());
+        upstream
+            .requests
+            .record(response.status(), started.elapsed());
+        if let Some((method, path)) = logged {
+            let endpoint = response.extensions().get::<UpstreamAddr>().map(|a| a.0);
+            tracing::info!(
+                target: "outrider::access",
+                direction = "outbound",
+                correlation_id = correlation_id.to_str().unwrap_or(""),
+                method = %method,
+                authority = %authority,
+                path = %path,
+                status = response.status().as_u16(),
+                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                upstream = %endpoint.map(|e| e.to_string()).unwrap_or_default(),
+            );
+        }
+        response
     }
-    response
 }
 
 /// What the policy stack of one request is built for (a typed target, as in linkerd2-proxy).
@@ -301,59 +305,64 @@ impl Service<Request<Body>> for Attempt {
 }
 
 impl Attempt {
-    async fn send(self, mut req: Request<Body>) -> Result<Response<Body>, PolicyError> {
-        let balancer = &self.upstream.balancer;
-        let in_flight = match balancer.pick() {
-            Ok(p) => p,
-            Err(NoEndpoint::Pending) => {
-                balancer.ready(FIRST_RESOLUTION_WAIT).await;
-                balancer.pick().map_err(no_endpoint)?
-            }
-            Err(e) => return Err(no_endpoint(e)),
-        };
-        let endpoint = in_flight.endpoint.clone();
-        let outcome = Outcome {
-            in_flight: Some(in_flight),
-            attempt: &self,
-        };
-        if self.grpc {
-            let left = self
-                .deadline
-                .saturating_duration_since(tokio::time::Instant::now());
-            req.headers_mut()
-                .insert(GRPC_TIMEOUT, grpc_timeout_value(left));
-        }
-        let client_upgrade = req
-            .extensions_mut()
-            .remove::<ClientUpgrade>()
-            .and_then(|u| u.0.lock().unwrap_or_else(|p| p.into_inner()).take());
-        let connect_timeout = self.policy.connect_timeout;
-        let sent = if client_upgrade.is_some() {
-            endpoint.pool.send_upgrade(req, connect_timeout).await
-        } else {
-            endpoint.pool.send(req, connect_timeout).await
-        };
-        match sent {
-            Ok(response) => {
-                outcome.finish(!crate::policy::is_failure(&response));
-                let mut response = relay_response(response, client_upgrade);
-                if self.access_log {
-                    response
-                        .extensions_mut()
-                        .insert(UpstreamAddr(endpoint.addr));
+    fn send(
+        self,
+        mut req: Request<Body>,
+    ) -> impl Future<Output = Result<Response<Body>, PolicyError>> + Send + 'static {
+        async move {
+            let balancer = &self.upstream.balancer;
+            let in_flight = match balancer.pick() {
+                Ok(p) => p,
+                Err(NoEndpoint::Pending) => {
+                    balancer.ready(FIRST_RESOLUTION_WAIT).await;
+                    balancer.pick().map_err(no_endpoint)?
                 }
-                Ok(response)
+                Err(e) => return Err(no_endpoint(e)),
+            };
+            let endpoint = in_flight.endpoint.clone();
+            let outcome = Outcome {
+                in_flight: Some(in_flight),
+                attempt: &self,
+            };
+            if self.grpc {
+                let left = self
+                    .deadline
+                    .saturating_duration_since(tokio::time::Instant::now());
+                req.headers_mut()
+                    .insert(GRPC_TIMEOUT, grpc_timeout_value(left));
             }
-            Err(error) if error.client_body_failed() => {
-                // Not the endpoint's fault: no outlier penalty.
-                outcome.finish(true);
-                Err(PolicyError::BadRequest(
-                    "the request body was malformed or cut short".into(),
-                ))
-            }
-            Err(error) => {
-                outcome.finish(false);
-                Err(PolicyError::upstream(failure_of(&error), error))
+            let client_upgrade = req
+                .extensions_mut()
+                .remove::<ClientUpgrade>()
+                .and_then(|u| u.0.lock().unwrap_or_else(|p| p.into_inner()).take());
+            let connect_timeout = self.policy.connect_timeout;
+            let sent = if client_upgrade.is_some() {
+                endpoint.pool.send_upgrade(req, connect_timeout).await
+            } else {
+                endpoint.pool.send(req, connect_timeout).await
+            };
+            match sent {
+                Ok(response) => {
+                    outcome.finish(!crate::policy::is_failure(&response));
+                    let mut response = relay_response(response, client_upgrade);
+                    if self.access_log {
+                        response
+                            .extensions_mut()
+                            .insert(UpstreamAddr(endpoint.addr));
+                    }
+                    Ok(response)
+                }
+                Err(error) if error.client_body_failed() => {
+                    // Not the endpoint's fault: no outlier penalty.
+                    outcome.finish(true);
+                    Err(PolicyError::BadRequest(
+                        "the request body was malformed or cut short".into(),
+                    ))
+                }
+                Err(error) => {
+                    outcome.finish(false);
+                    Err(PolicyError::upstream(failure_of(&error), error))
+                }
             }
         }
     }

@@ -304,51 +304,53 @@ impl EndpointPool {
         }
     }
 
-    async fn send_h1(
+    fn send_h1(
         &self,
         mut req: Request<Body>,
         connect_timeout: Duration,
-    ) -> Result<Response<Body>, SendError> {
-        let cap = match self.transport {
-            Transport::Mesh { .. } => mesh_h1_connections(),
-            Transport::Plain => usize::MAX,
-        };
-        origin_form(&mut req);
-        // A pooled connection may have been closed by the peer just now: then hyper hands the
-        // request back unsent and it goes out on a fresh connection.
-        for _ in 0..2 {
-            let (taken, open) = {
-                let mut idle = self.h1.lock().unwrap_or_else(|p| p.into_inner());
-                idle.retain(|s| !s.is_closed());
-                let taken = idle
-                    .iter()
-                    .position(|s| s.is_ready())
-                    .map(|i| idle.swap_remove(i));
-                (taken, idle.len())
+    ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + '_ {
+        async move {
+            let cap = match self.transport {
+                Transport::Mesh { .. } => mesh_h1_connections(),
+                Transport::Plain => usize::MAX,
             };
-            let Some(mut sender) = taken else {
-                if open + self.h1_dialing.load(Ordering::Relaxed) >= cap {
-                    // Boxed: rare, and nesting the HTTP/2 future would enlarge every request's.
-                    return Box::pin(self.send_h2(h1_to_h2(req), connect_timeout)).await;
+            origin_form(&mut req);
+            // A pooled connection may have been closed by the peer just now: then hyper hands the
+            // request back unsent and it goes out on a fresh connection.
+            for _ in 0..2 {
+                let (taken, open) = {
+                    let mut idle = self.h1.lock().unwrap_or_else(|p| p.into_inner());
+                    idle.retain(|s| !s.is_closed());
+                    let taken = idle
+                        .iter()
+                        .position(|s| s.is_ready())
+                        .map(|i| idle.swap_remove(i));
+                    (taken, idle.len())
+                };
+                let Some(mut sender) = taken else {
+                    if open + self.h1_dialing.load(Ordering::Relaxed) >= cap {
+                        // Boxed: rare, and nesting the HTTP/2 future would enlarge every request's.
+                        return Box::pin(self.send_h2(h1_to_h2(req), connect_timeout)).await;
+                    }
+                    // Boxed (here and below): dialing is rare, and its large future would otherwise
+                    // be part of every request's future.
+                    return Box::pin(self.send_h1_new(req, connect_timeout)).await;
+                };
+                let sent = sender.try_send_request(req);
+                self.h1
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(sender);
+                match sent.await {
+                    Ok(resp) => return Ok(resp.map(boxed)),
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) => req = unsent,
+                        None => return Err(SendError::Http(self.addr, e.into_error())),
+                    },
                 }
-                // Boxed (here and below): dialing is rare, and its large future would otherwise
-                // be part of every request's future.
-                return Box::pin(self.send_h1_new(req, connect_timeout)).await;
-            };
-            let sent = sender.try_send_request(req);
-            self.h1
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(sender);
-            match sent.await {
-                Ok(resp) => return Ok(resp.map(boxed)),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => req = unsent,
-                    None => return Err(SendError::Http(self.addr, e.into_error())),
-                },
             }
+            Box::pin(self.send_h1_new(req, connect_timeout)).await
         }
-        Box::pin(self.send_h1_new(req, connect_timeout)).await
     }
 
     /// A new HTTP/1.1 connection (upgrades allowed), its driver running on a task.
@@ -440,24 +442,26 @@ impl EndpointPool {
         Ok(connection)
     }
 
-    async fn send_h2(
+    fn send_h2(
         &self,
         req: Request<Body>,
         connect_timeout: Duration,
-    ) -> Result<Response<Body>, SendError> {
-        let ready = match self.h2_connection(connect_timeout).await?.ready().await {
-            Ok(ready) => ready,
-            // The connection went away before the request was sent: once more, fresh.
-            Err(_) => self
-                .h2_connection(connect_timeout)
-                .await?
-                .ready()
+    ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + '_ {
+        async move {
+            let ready = match self.h2_connection(connect_timeout).await?.ready().await {
+                Ok(ready) => ready,
+                // The connection went away before the request was sent: once more, fresh.
+                Err(_) => self
+                    .h2_connection(connect_timeout)
+                    .await?
+                    .ready()
+                    .await
+                    .map_err(|e| SendError::H2(self.addr, e))?,
+            };
+            ready
+                .send(req)
                 .await
-                .map_err(|e| SendError::H2(self.addr, e))?,
-        };
-        ready
-            .send(req)
-            .await
-            .map_err(|e| SendError::H2(self.addr, e))
+                .map_err(|e| SendError::H2(self.addr, e))
+        }
     }
 }
