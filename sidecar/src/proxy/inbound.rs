@@ -63,6 +63,7 @@ impl Peer {
 }
 
 /// Handles one request from another sidecar.
+#[allow(clippy::manual_async_fn)] // Not `async fn`: see "Futures" in `proxy`.
 pub fn handle(
     shared: Arc<Shared>,
     peer: Arc<Peer>,
@@ -130,6 +131,7 @@ fn limited(
 }
 
 /// Authorizes the request and hands it to the app.
+#[allow(clippy::manual_async_fn)] // Not `async fn`: see "Futures" in `proxy`.
 fn serve(
     shared: Arc<Shared>,
     peer: Arc<Peer>,

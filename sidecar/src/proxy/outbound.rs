@@ -38,6 +38,7 @@ const FIRST_RESOLUTION_WAIT: Duration = Duration::from_secs(2);
 
 /// Handles one request from the local app. `tunnel` is the target of the `CONNECT` tunnel the
 /// request arrived in, if any (it is the authority when the request names none).
+#[allow(clippy::manual_async_fn)] // Not `async fn`: see "Futures" in `proxy`.
 pub fn handle(
     shared: Arc<Shared>,
     listener: SocketAddr,
@@ -305,6 +306,7 @@ impl Service<Request<Body>> for Attempt {
 }
 
 impl Attempt {
+    #[allow(clippy::manual_async_fn)] // Not `async fn`: see "Futures" in `proxy`.
     fn send(
         self,
         mut req: Request<Body>,

@@ -304,6 +304,7 @@ impl EndpointPool {
         }
     }
 
+    #[allow(clippy::manual_async_fn)] // Not `async fn`: see "Futures" in `proxy`.
     fn send_h1(
         &self,
         mut req: Request<Body>,
@@ -442,6 +443,7 @@ impl EndpointPool {
         Ok(connection)
     }
 
+    #[allow(clippy::manual_async_fn)] // Not `async fn`: see "Futures" in `proxy`.
     fn send_h2(
         &self,
         req: Request<Body>,
