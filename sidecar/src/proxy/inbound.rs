@@ -188,7 +188,8 @@ fn serve(
         let app_req = Request::from_parts(parts, boxed(body));
 
         let result = if client_upgrade.is_some() {
-            shared.app.send_upgrade(app_req, APP_CONNECT_TIMEOUT).await
+            // Boxed: rare, and its future would otherwise size every request's.
+            Box::pin(shared.app.send_upgrade(app_req, APP_CONNECT_TIMEOUT)).await
         } else {
             shared.app.send(app_req, APP_CONNECT_TIMEOUT).await
         };

@@ -339,7 +339,8 @@ impl Attempt {
                 .and_then(|u| u.0.lock().unwrap_or_else(|p| p.into_inner()).take());
             let connect_timeout = self.policy.connect_timeout;
             let sent = if client_upgrade.is_some() {
-                endpoint.pool.send_upgrade(req, connect_timeout).await
+                // Boxed: rare, and its future would otherwise size every attempt's.
+                Box::pin(endpoint.pool.send_upgrade(req, connect_timeout)).await
             } else {
                 endpoint.pool.send(req, connect_timeout).await
             };
