@@ -289,3 +289,44 @@ impl KeepAlive {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An h2 server on the other end of an in-memory pipe, answering pings (it is polled) or
+    /// not (only its handshake is).
+    async fn connected(answering: bool) -> Connection {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut server = h2::server::handshake(server_io)
+                .await
+                .expect("server handshake");
+            if answering {
+                while server.accept().await.is_some() {}
+            } else {
+                std::future::pending::<()>().await;
+            }
+            drop(server);
+        });
+        Connection::handshake(client_io)
+            .await
+            .expect("client handshake")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_stops_answering_pings_is_dropped() {
+        let connection = connected(false).await;
+        tokio::time::sleep(PING_INTERVAL - Duration::from_secs(1)).await;
+        assert!(!connection.is_closed(), "open until the first ping");
+        tokio::time::sleep(PING_TIMEOUT + Duration::from_secs(2)).await;
+        assert!(connection.is_closed(), "closed once the pong is late");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_answers_pings_is_kept() {
+        let connection = connected(true).await;
+        tokio::time::sleep((PING_INTERVAL + PING_TIMEOUT) * 4).await;
+        assert!(!connection.is_closed());
+    }
+}
