@@ -26,6 +26,9 @@ use super::inbound::{self, Peer};
 use super::{Shared, outbound, park};
 use crate::config::Limits;
 
+/// Requests one HTTP/2 connection may have in flight.
+pub(super) const MAX_CONCURRENT_STREAMS: u32 = 1024;
+
 /// The HTTP/1.1 and HTTP/2 server settings of a listener, from `limits`.
 struct Settings {
     http1: http1::Builder,
@@ -51,7 +54,7 @@ impl Settings {
         http2
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-            .max_concurrent_streams(1024)
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
             // Rapid-reset floods: cap resets a client may cause before the connection is closed.
             .max_pending_accept_reset_streams(Some(64))
             .max_local_error_reset_streams(Some(256))
