@@ -2,10 +2,10 @@
 //! a pool of HTTP/1.1 connections reused with keep-alive, one multiplexed HTTP/2 connection,
 //! and dedicated connections for upgrades (WebSocket).
 //!
-//! Written on hyper's `client::conn` rather than hyper-util's legacy `Client` because the
+//! HTTP/1.1 is written on hyper's `client::conn` rather than hyper-util's legacy `Client`: the
 //! legacy client keys its pool and HTTP/2 `:authority` on the request URI, while the mesh must
 //! dial an endpoint address and still send the service's authority, and must choose the TLS
-//! identity per service.
+//! identity per service. HTTP/2 is on the `h2` crate directly ([`h2_client`]).
 
 use std::future::Future;
 use std::io;
@@ -215,8 +215,7 @@ pub(super) const UPSTREAM_READ_BUFFER: usize = 20 * 1024;
 /// connection may have in flight ([`super::server::MAX_CONCURRENT_STREAMS`]), so that every
 /// request of a full burst can hand its app connection back. With 512, a caller holding 1,024
 /// requests open made the callee dial and close the app connection of every request past the
-/// 512th: 10,500 connections in 5 s under `wrk -c1024`, against 694 with 1,024
-/// (docs/performance.md).
+/// 512th: 10,500 connections in 5 s under `wrk -c1024`; with 1,024, none (docs/performance.md).
 const MAX_H1_CONNECTIONS: usize = super::server::MAX_CONCURRENT_STREAMS as usize;
 
 /// HTTP/1.1 connections to another sidecar, at most, per endpoint; HTTP/1.x requests beyond
