@@ -127,16 +127,14 @@ impl Ready {
             head.headers_mut()
                 .insert(CONTENT_LENGTH, HeaderValue::from(len));
         }
-        let sent = sender.send_request(head, end_of_stream);
-        let response = match sent {
-            Ok((response, send_stream)) => {
+        let response = sender
+            .send_request(head, end_of_stream)
+            .map(|(response, send_stream)| {
                 if !end_of_stream {
                     tokio::spawn(pipe(body, send_stream));
                 }
-                Ok(response)
-            }
-            Err(e) => Err(e),
-        };
+                response
+            });
         async move {
             let response = response?.await?;
             Ok(response.map(|recv| {

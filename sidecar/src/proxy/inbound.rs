@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 use http::header::HeaderValue;
 use http::uri::Authority;
-use http::{Request, Response, Uri};
+use http::{Request, Response};
 use hyper::body::Incoming;
 
 use tower::{Layer, ServiceExt, service_fn};
@@ -19,7 +19,7 @@ use tower::{Layer, ServiceExt, service_fn};
 use super::Shared;
 use super::http::{
     Body, CORRELATION_ID, ErrorKind, OUTRIDER_PEER, ProxyError, boxed, ensure_correlation_id,
-    is_grpc, is_upgrade_head, path_and_query, relay_response, restore_orig_proto, set_absolute_uri,
+    is_grpc, is_upgrade_head, relay_response, restore_orig_proto, set_absolute_uri,
     strip_hop_by_hop,
 };
 use super::outbound::head_too_large;
@@ -226,11 +226,12 @@ fn serve(
     }
 }
 
-/// The app gets origin form over HTTP/1.x and `http://authority/path` over HTTP/2, built from
-/// the parts already parsed (shared bytes: no copy, no parse).
+/// Over HTTP/2 the app gets `http://authority/path`, with the app's address when the request
+/// named no authority, built from the parts already parsed (shared bytes: no copy, no parse).
+/// HTTP/1.x URIs are left as they are: the pool writes origin form on every HTTP/1.1
+/// connection ([`super::http::origin_form`]).
 fn set_app_uri(parts: &mut http::request::Parts, app: std::net::SocketAddr) {
     if parts.version != http::Version::HTTP_2 {
-        parts.uri = Uri::from(path_and_query(&parts.uri));
         return;
     }
     let authority = match parts.uri.authority() {

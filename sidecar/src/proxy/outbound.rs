@@ -31,6 +31,7 @@ use super::route::{is_local, parse_authority};
 use super::{Shared, Upstream, server};
 use crate::balance::{InFlight, NoEndpoint};
 use crate::config::{Policy, RetryBudget};
+use crate::metrics::RequestMetrics;
 use crate::policy::{BreakerLayer, Failure, PolicyError, RetryLayer, TimeoutLayer};
 
 /// How long a request waits for a new service's first endpoint resolution.
@@ -492,16 +493,6 @@ pub fn head_too_large<B>(req: &Request<B>, max: u64) -> Option<ProxyError> {
     })
 }
 
-fn record(shared: &Shared, service: &str, status: StatusCode, started: Instant) {
-    let m = &shared.metrics;
-    m.requests_total
-        .with_label_values(&["outbound", service, status.as_str()])
-        .inc();
-    m.request_duration_seconds
-        .with_label_values(&["outbound", service])
-        .observe(started.elapsed().as_secs_f64());
-}
-
 fn finish_error(
     shared: &Shared,
     service: &str,
@@ -510,6 +501,9 @@ fn finish_error(
     error: ProxyError,
 ) -> Response<Body> {
     let response = error.into_response(grpc);
-    record(shared, service, response.status(), started);
+    // A request that names no known service has no upstream to hold its metric handles: they
+    // are looked up for this one request.
+    RequestMetrics::new(&shared.metrics, "outbound", service)
+        .record(response.status(), started.elapsed());
     response
 }
