@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use http::{Method, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -66,7 +65,7 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     r
 }
 
-fn route(admin: &Admin, remote: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+fn route(admin: &Admin, remote: SocketAddr, req: Request<Body>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET | &Method::HEAD, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET | &Method::HEAD, "/ready") => match not_ready(admin) {

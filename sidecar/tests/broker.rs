@@ -92,8 +92,9 @@ async fn serve_bridge(bridge: Arc<Bridge>) -> SocketAddr {
             };
             let bridge = bridge.clone();
             tokio::spawn(async move {
-                let svc = service_fn(move |req| {
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let bridge = bridge.clone();
+                    let req = req.map(outrider::proxy::http::boxed);
                     async move { Ok::<_, Infallible>(bridge.handle(req).await) }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())

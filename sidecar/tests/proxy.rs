@@ -102,6 +102,53 @@ async fn connect_tunnel_speaks_http_inside() {
     assert!(text.ends_with("hello from users"), "{text}");
 }
 
+/// HTTP/2 CONNECT (RFC 9113 §8.5): the tunnel is the request's stream.
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_tunnel_over_http2_speaks_http_inside() {
+    let pki = Pki::new();
+    let app = apps::http_app("users").await;
+    let pair = Pair::start(&pki, "user-service", app.addr, "", "");
+    let tcp = tokio::net::TcpStream::connect(pair.caller.ports.outbound)
+        .await
+        .expect("connect");
+    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    let connect = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri("user-service:80")
+        .body(())
+        .expect("request");
+    let (response, mut tunnel_out) = sender.send_request(connect, false).expect("send");
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("answered in time")
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    tunnel_out
+        .send_data(
+            bytes::Bytes::from_static(
+                b"GET /hello HTTP/1.1\r\nHost: user-service\r\nConnection: close\r\n\r\n",
+            ),
+            false,
+        )
+        .expect("write into the tunnel");
+    let mut tunnel_in = response.into_body();
+    let mut text = Vec::new();
+    let read = async {
+        while let Some(chunk) = tunnel_in.data().await {
+            let chunk = chunk.expect("tunnel data");
+            let _ = tunnel_in.flow_control().release_capacity(chunk.len());
+            text.extend_from_slice(&chunk);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("the tunnel closes after the answer");
+    let text = String::from_utf8_lossy(&text);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("hello from users"), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn connect_to_unknown_service_is_refused() {
     let pki = Pki::new();

@@ -22,7 +22,7 @@ struct GrpcApi {
 
 pub(crate) async fn serve(
     shared: &Arc<Shared>,
-    req: http::Request<hyper::body::Incoming>,
+    req: http::Request<crate::proxy::http::Body>,
 ) -> http::Response<BoxBody> {
     // Room for the other fields: the payload itself is checked against max_api_body.
     let limit = usize::try_from(shared.settings.max_api_body)
@@ -33,7 +33,11 @@ pub(crate) async fn serve(
         shared: shared.clone(),
     })
     .max_decoding_message_size(limit);
-    match server.oneshot(req).await {
+    // Boxed, and built outside this `async fn`: inline, rustc cannot prove tonic's future `Send`
+    // for a boxed request body (a higher-ranked `From` bound on its error type).
+    let call: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
+        Box::pin(server.oneshot(req));
+    match call.await {
         Ok(resp) => resp.map(|body| {
             body.map_err(|status| Box::new(status) as Box<dyn std::error::Error + Send + Sync>)
                 .boxed_unsync()

@@ -67,7 +67,7 @@ impl Bridge {
     /// the sidecar error JSON.
     pub async fn handle(
         &self,
-        req: http::Request<hyper::body::Incoming>,
+        req: http::Request<crate::proxy::http::Body>,
     ) -> http::Response<BoxBody> {
         match &self.shared {
             Some(shared) => publish::handle(shared, req).await,
@@ -119,7 +119,7 @@ impl Bridge {
 impl crate::proxy::LocalApi for Bridge {
     fn handle(
         &self,
-        req: http::Request<hyper::body::Incoming>,
+        req: http::Request<crate::proxy::http::Body>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = http::Response<BoxBody>> + Send + '_>>
     {
         Box::pin(Bridge::handle(self, req))

@@ -110,7 +110,7 @@ impl PublishError {
 /// Routes one request of the local broker API.
 pub(crate) async fn handle(
     shared: &Arc<Shared>,
-    req: http::Request<hyper::body::Incoming>,
+    req: http::Request<crate::proxy::http::Body>,
 ) -> http::Response<BoxBody> {
     let is_grpc = req
         .headers()
@@ -160,10 +160,27 @@ pub(crate) async fn handle(
     }
 }
 
+/// Reads the whole body, refusing more than `limit` bytes. Boxed, and built outside any
+/// `async fn`: inline, rustc cannot prove the `Limited` future `Send` for a boxed body (a
+/// higher-ranked `From` bound on its error type).
+fn read_limited(
+    body: crate::proxy::http::Body,
+    limit: usize,
+) -> std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<bytes::Bytes, crate::proxy::http::BoxError>> + Send,
+    >,
+> {
+    Box::pin(futures_util::TryFutureExt::map_ok(
+        Limited::new(body, limit).collect(),
+        |collected| collected.to_bytes(),
+    ))
+}
+
 async fn publish_http(
     shared: &Arc<Shared>,
     target: Target,
-    req: http::Request<hyper::body::Incoming>,
+    req: http::Request<crate::proxy::http::Body>,
 ) -> Result<Published, PublishError> {
     // Refuse early, before reading the body.
     authorize(shared, &target)?;
@@ -178,8 +195,8 @@ async fn publish_http(
         return Err(too_large(max));
     }
     let limit = usize::try_from(max).unwrap_or(usize::MAX);
-    let payload = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
+    let payload = match read_limited(body, limit).await {
+        Ok(payload) => payload,
         Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large(max)),
         Err(e) => {
             return Err(PublishError::BadRequest(format!(

@@ -12,15 +12,13 @@ use futures_util::FutureExt;
 use http::header::HeaderValue;
 use http::uri::Authority;
 use http::{Request, Response};
-use hyper::body::Incoming;
 
 use tower::{Layer, ServiceExt, service_fn};
 
 use super::Shared;
 use super::http::{
-    Body, CORRELATION_ID, ErrorKind, OUTRIDER_PEER, ProxyError, boxed, ensure_correlation_id,
-    is_grpc, is_upgrade_head, relay_response, restore_orig_proto, set_absolute_uri,
-    strip_hop_by_hop,
+    Body, CORRELATION_ID, ErrorKind, OUTRIDER_PEER, ProxyError, ensure_correlation_id, is_grpc,
+    is_upgrade_head, relay_response, restore_orig_proto, set_absolute_uri, strip_hop_by_hop,
 };
 use super::outbound::head_too_large;
 use crate::config::{AuthzRule, Config};
@@ -67,7 +65,7 @@ impl Peer {
 pub fn handle(
     shared: Arc<Shared>,
     peer: Arc<Peer>,
-    req: Request<Incoming>,
+    req: Request<Body>,
 ) -> impl Future<Output = Response<Body>> + Send + 'static {
     async move {
         let started = Instant::now();
@@ -114,9 +112,9 @@ fn limited(
     started: Instant,
     grpc: bool,
     config: Arc<Config>,
-    req: Request<Incoming>,
+    req: Request<Body>,
 ) -> impl Future<Output = Result<Response<Body>, PolicyError>> + Send + 'static {
-    let service = service_fn(move |req: Request<Incoming>| {
+    let service = service_fn(move |req: Request<Body>| {
         serve(
             shared.clone(),
             peer.clone(),
@@ -138,7 +136,7 @@ fn serve(
     started: Instant,
     grpc: bool,
     config: Arc<Config>,
-    req: Request<Incoming>,
+    req: Request<Body>,
 ) -> impl Future<Output = Response<Body>> + Send + 'static {
     async move {
         if !authorized(&config.inbound.authorize, &peer, &req) {
@@ -185,7 +183,7 @@ fn serve(
             parts.headers.insert(OUTRIDER_PEER, value.clone());
         }
         set_app_uri(&mut parts, config.app);
-        let app_req = Request::from_parts(parts, boxed(body));
+        let app_req = Request::from_parts(parts, body);
 
         let result = if client_upgrade.is_some() {
             // Boxed: rare, and its future would otherwise size every request's.

@@ -11,8 +11,8 @@
 //! therefore written as `fn … -> impl Future` returning an `async move` block that uses its
 //! arguments in place (clippy's `manual_async_fn` is allowed on each, pointing here).
 
-mod h2_client;
 pub mod http;
+mod http2;
 pub mod inbound;
 pub mod outbound;
 mod park;
@@ -26,7 +26,6 @@ use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
 use arc_swap::ArcSwap;
-use hyper::body::Incoming;
 
 use self::pool::{EndpointPool, Transport};
 use crate::balance::Balancer;
@@ -41,7 +40,7 @@ use crate::tls::MeshTls;
 pub trait LocalApi: Send + Sync + 'static {
     fn handle(
         &self,
-        req: ::http::Request<Incoming>,
+        req: ::http::Request<http::Body>,
     ) -> Pin<Box<dyn Future<Output = ::http::Response<http::Body>> + Send + '_>>;
 }
 

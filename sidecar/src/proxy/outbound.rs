@@ -18,14 +18,13 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 use http::header::{self, HeaderValue};
 use http::uri::Authority;
 use http::{Method, Request, Response, StatusCode, Uri};
-use hyper::body::Incoming;
 
 use super::http::{
-    Body, CORRELATION_ID, ErrorKind, GRPC_TIMEOUT, ORIG_PROTO, OUTRIDER_PEER, ProxyError, boxed,
-    empty, ensure_correlation_id, grpc_timeout_value, is_grpc, is_upgrade_head,
-    never_index_trace_context, parse_grpc_timeout, relay_response, set_absolute_uri,
-    strip_hop_by_hop,
+    Body, CORRELATION_ID, ErrorKind, GRPC_TIMEOUT, ORIG_PROTO, OUTRIDER_PEER, ProxyError, empty,
+    ensure_correlation_id, grpc_timeout_value, is_grpc, is_upgrade_head, never_index_trace_context,
+    parse_grpc_timeout, relay_response, set_absolute_uri, strip_hop_by_hop,
 };
+use super::http2::server::PendingTunnel;
 use super::pool::SendError;
 use super::route::{is_local, parse_authority};
 use super::{Shared, Upstream, server};
@@ -44,7 +43,7 @@ pub fn handle(
     shared: Arc<Shared>,
     listener: SocketAddr,
     tunnel: Option<Arc<str>>,
-    req: Request<Incoming>,
+    req: Request<Body>,
 ) -> impl Future<Output = Response<Body>> + Send + 'static {
     async move {
         let started = Instant::now();
@@ -140,7 +139,7 @@ pub fn handle(
         parts.headers.remove(OUTRIDER_PEER);
         parts.headers.remove(ORIG_PROTO);
         set_upstream_uri(&mut parts, &authority);
-        let upstream_req = Request::from_parts(parts, boxed(body));
+        let upstream_req = Request::from_parts(parts, body);
 
         let target = Target {
             upstream: upstream.clone(),
@@ -427,7 +426,7 @@ fn no_endpoint(e: NoEndpoint) -> PolicyError {
 
 /// `CONNECT service:port`: answer 200, then serve HTTP inside the tunnel as if it had arrived on
 /// the listener, with the tunnel's target as the default authority.
-fn connect(shared: Arc<Shared>, listener: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+fn connect(shared: Arc<Shared>, listener: SocketAddr, mut req: Request<Body>) -> Response<Body> {
     let Some(target) = req.uri().authority().map(|a| a.as_str().to_owned()) else {
         return ProxyError::new(
             ErrorKind::BadRequest,
@@ -447,8 +446,17 @@ fn connect(shared: Arc<Shared>, listener: SocketAddr, req: Request<Incoming>) ->
             .into_response(false);
         }
     }
-    let on_upgrade = hyper::upgrade::on(req);
     let target: Arc<str> = Arc::from(target);
+    // Over HTTP/2 the tunnel is the request's stream; over HTTP/1.1, the upgraded connection.
+    if let Some(pending) = req.extensions_mut().remove::<PendingTunnel>() {
+        tokio::spawn(async move {
+            if let Some(tunnel) = pending.established().await {
+                server::serve_tunnel(shared, listener, target, tunnel).await;
+            }
+        });
+        return Response::new(empty());
+    }
+    let on_upgrade = hyper::upgrade::on(req);
     tokio::spawn(async move {
         if let Ok(upgraded) = on_upgrade.await {
             server::serve_tunnel(

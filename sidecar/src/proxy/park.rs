@@ -36,7 +36,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use super::http::{Body, BoxError, Guarded};
+use super::http::{Body, BoxError, Guarded, boxed};
 use super::server::Prefixed;
 
 /// What the session loop needs to know about the hyper connection it drives. One per client
@@ -174,14 +174,14 @@ pub(super) async fn serve<H, F>(
     handle: H,
     stop: impl Future<Output = ()>,
 ) where
-    H: Fn(Request<Incoming>) -> F + Send + Unpin + 'static,
+    H: Fn(Request<Body>) -> F + Send + Unpin + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let activity = Arc::new(Activity::default());
     let counter = activity.clone();
-    let mut service = service_fn(move |req| {
+    let mut service = service_fn(move |req: Request<Incoming>| {
         let in_flight = InFlight::new(counter.clone());
-        let response = handle(req);
+        let response = handle(req.map(boxed));
         // Boxed: the request's whole stack is one large future, which hyper would otherwise move
         // by value (memcpy) into and out of its connection state on every request.
         Box::pin(async move {

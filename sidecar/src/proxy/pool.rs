@@ -23,8 +23,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::h2_client;
 use super::http::{Body, boxed, h1_to_h2, origin_form};
+use super::http2::client as h2_client;
 use crate::tls::{Alpn, MeshTls};
 
 /// How to reach a service's endpoints.
@@ -212,11 +212,11 @@ pub async fn dial(
 pub(super) const UPSTREAM_READ_BUFFER: usize = 20 * 1024;
 
 /// Most HTTP/1.1 connections kept per endpoint: as many as the requests one inbound HTTP/2
-/// connection may have in flight ([`super::server::MAX_CONCURRENT_STREAMS`]), so that every
+/// connection may have in flight ([`super::http2::server::MAX_CONCURRENT_STREAMS`]), so that every
 /// request of a full burst can hand its app connection back. With 512, a caller holding 1,024
 /// requests open made the callee dial and close the app connection of every request past the
 /// 512th: 10,500 connections in 5 s under `wrk -c1024`; with 1,024, none (docs/performance.md).
-const MAX_H1_CONNECTIONS: usize = super::server::MAX_CONCURRENT_STREAMS as usize;
+const MAX_H1_CONNECTIONS: usize = super::http2::server::MAX_CONCURRENT_STREAMS as usize;
 
 /// HTTP/1.1 connections to another sidecar, at most, per endpoint; HTTP/1.x requests beyond
 /// them ride the one multiplexed HTTP/2 connection (marked with their version). The default,

@@ -13,26 +13,24 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::body::Incoming;
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
-use super::http::Body;
+use super::http::{Body, boxed};
 use super::inbound::{self, Peer};
-use super::{Shared, outbound, park};
+use super::{Shared, http2, outbound, park};
 use crate::config::Limits;
-
-/// Requests one HTTP/2 connection may have in flight.
-pub(super) const MAX_CONCURRENT_STREAMS: u32 = 1024;
 
 /// The HTTP/1.1 and HTTP/2 server settings of a listener, from `limits`.
 struct Settings {
     http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
+    /// The largest HTTP/2 request head (`limits.max_header_bytes`).
+    max_header_list: u32,
     /// How long a connection may sit without a request (`limits.header_read_timeout`).
     idle_timeout: Duration,
 }
@@ -50,20 +48,9 @@ impl Settings {
             .header_read_timeout(limits.header_read_timeout)
             .max_buf_size(buffer)
             .keep_alive(true);
-        let mut http2 = http2::Builder::new(TokioExecutor::new());
-        http2
-            .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-            // Rapid-reset floods: cap resets a client may cause before the connection is closed.
-            .max_pending_accept_reset_streams(Some(64))
-            .max_local_error_reset_streams(Some(256))
-            .keep_alive_interval(Some(Duration::from_secs(30)))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .adaptive_window(true);
         Self {
             http1,
-            http2,
+            max_header_list: u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX),
             idle_timeout: limits.header_read_timeout,
         }
     }
@@ -195,24 +182,10 @@ where
     }
 }
 
-impl<I, S, B> Drainable for http2::Connection<I, S, TokioExecutor>
-where
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    S::Future: Send + 'static,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    fn start_drain(self: Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
-}
-
-/// The hyper service for `handle`. Boxed: the request's whole stack is one large future, which
-/// hyper would otherwise move by value (memcpy) into and out of its connection state on every
-/// request, and over HTTP/2 into a task per stream (measured with bench/callgrind.sh).
+/// The hyper (HTTP/1.1) service for `handle`, the body boxed as the handlers take it. The future
+/// is boxed too: the request's whole stack is one large future, which hyper would otherwise move
+/// by value (memcpy) into and out of its connection state on every request (measured with
+/// bench/callgrind.sh).
 fn boxed_service<H, F>(
     handle: H,
 ) -> impl hyper::service::Service<
@@ -224,30 +197,29 @@ fn boxed_service<H, F>(
 + Sync
 + 'static
 where
-    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    H: Fn(Request<Body>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    service_fn(move |req| {
-        let response = handle(req);
+    service_fn(move |req: Request<Incoming>| {
+        let response = handle(req.map(boxed));
         Box::pin(async move { Ok::<_, Infallible>(response.await) })
     })
 }
 
-/// Serves h2c on `io` until it closes or `stop` drains it.
+/// Serves HTTP/2 on `io` until it closes or `stop` drains it ([`http2::server`]).
 async fn serve_h2<I, H, F>(
     io: Prefixed<I>,
-    http2: &http2::Builder<TokioExecutor>,
+    max_header_list: u32,
     handle: H,
     stop: impl Future<Output = ()>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    H: Fn(Request<Body>) -> F + Send + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    let conn = http2.serve_connection(TokioIo::new(io), boxed_service(handle));
     // Boxed: a task serving HTTP/1.1 (parked most of the time, on the outbound listener) need
     // not keep room for h2's state.
-    Box::pin(until_drained(conn, stop)).await;
+    Box::pin(http2::server::serve(io, max_header_list, handle, stop)).await;
 }
 
 /// Runs a connection to its end; once `stop` resolves, it finishes what is in flight and closes.
@@ -274,7 +246,7 @@ pub async fn serve_http<I, H, F>(
     stop: impl Future<Output = ()>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    H: Fn(Request<Body>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let settings = Settings::new(limits);
@@ -283,7 +255,7 @@ pub async fn serve_http<I, H, F>(
     };
     let io = Prefixed::new(prefix, io);
     if is_h2 {
-        serve_h2(io, &settings.http2, handle, stop).await;
+        serve_h2(io, settings.max_header_list, handle, stop).await;
     } else {
         let conn = settings
             .http1
@@ -366,7 +338,13 @@ async fn serve_outbound_conn(
     };
     let handle = move |req| outbound::handle(shared.clone(), local, None, req);
     if is_h2 {
-        serve_h2(Prefixed::new(prefix, tcp), &settings.http2, handle, stop).await;
+        serve_h2(
+            Prefixed::new(prefix, tcp),
+            settings.max_header_list,
+            handle,
+            stop,
+        )
+        .await;
     } else {
         let Settings {
             http1,
