@@ -198,6 +198,11 @@ impl http_body::Body for RecvBody {
 struct KeepAlive {
     ping_pong: PingPong,
     timer: Pin<Box<Sleep>>,
+    /// The timer has been polled since it was last set, so it will wake the connection's task
+    /// when it fires. Until then `Sleep::is_elapsed` (an atomic load) says whether to poll it:
+    /// polling costs far more (tokio registers the waker again), and the connection's task
+    /// polls this on every wake-up.
+    timer_registered: bool,
     awaiting_pong: bool,
 }
 
@@ -206,6 +211,7 @@ impl KeepAlive {
         Self {
             ping_pong,
             timer: Box::pin(tokio::time::sleep(PING_INTERVAL)),
+            timer_registered: false,
             awaiting_pong: false,
         }
     }
@@ -216,14 +222,20 @@ impl KeepAlive {
                 match self.ping_pong.poll_pong(cx) {
                     Poll::Ready(Ok(_)) => {
                         self.awaiting_pong = false;
-                        self.timer.as_mut().reset(Instant::now() + PING_INTERVAL);
+                        self.set_timer(PING_INTERVAL);
                         continue;
                     }
                     Poll::Ready(Err(_)) => return Poll::Ready(()),
                     Poll::Pending => {}
                 }
             }
-            ready!(self.timer.as_mut().poll(cx));
+            if self.timer_registered && !self.timer.is_elapsed() {
+                return Poll::Pending;
+            }
+            if self.timer.as_mut().poll(cx).is_pending() {
+                self.timer_registered = true;
+                return Poll::Pending;
+            }
             if self.awaiting_pong {
                 return Poll::Ready(());
             }
@@ -231,7 +243,12 @@ impl KeepAlive {
                 return Poll::Ready(());
             }
             self.awaiting_pong = true;
-            self.timer.as_mut().reset(Instant::now() + PING_TIMEOUT);
+            self.set_timer(PING_TIMEOUT);
         }
+    }
+
+    fn set_timer(&mut self, after: std::time::Duration) {
+        self.timer.as_mut().reset(Instant::now() + after);
+        self.timer_registered = false;
     }
 }
