@@ -97,15 +97,18 @@ measure() { # label url name:pid...
     shift 2
     taskset -c 1 wrk -t1 -c"$CONNS" -d1s -H "Host: backend" "$url${AB_PATH:-/}" >/dev/null
     for entry in "$@"; do counters "${entry#*:}" >"$WORK/before.${entry%%:*}"; done
+    local perfs=()
     if [[ -n "${PERF:-}" ]]; then
         for entry in "$@"; do
             perf stat -x, -e "$SYSCALLS" -p "${entry#*:}" -o "$WORK/perf.${entry%%:*}" \
                 -- sleep "$((SECS - 1))" &
+            perfs+=($!)
         done
     fi
     local out requests rps hz
     out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${SECS}s" -H "Host: backend" "$url${AB_PATH:-/}")
-    wait
+    # Only perf: a bare `wait` would wait for the servers too.
+    [[ ${#perfs[@]} -eq 0 ]] || wait "${perfs[@]}"
     requests=$(awk '/requests in/ {print $1}' <<<"$out")
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
     hz=$(getconf CLK_TCK)

@@ -5,7 +5,7 @@
 //! HTTP/1.1 is written on hyper's `client::conn` rather than hyper-util's legacy `Client`: the
 //! legacy client keys its pool and HTTP/2 `:authority` on the request URI, while the mesh must
 //! dial an endpoint address and still send the service's authority, and must choose the TLS
-//! identity per service. HTTP/2 is on the `h2` crate directly ([`h2_client`]).
+//! identity per service. HTTP/2 is on the `h2` crate directly ([`http2::client`]).
 
 use std::future::Future;
 use std::io;
@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::http::{Body, boxed, h1_to_h2, origin_form};
-use super::http2::client as h2_client;
+use super::http2;
 use crate::tls::{Alpn, MeshTls};
 
 /// How to reach a service's endpoints.
@@ -60,7 +60,7 @@ pub enum SendError {
     /// The request was (or may have been) sent and the exchange failed.
     #[error("upstream {0}: {1}")]
     Http(SocketAddr, hyper::Error),
-    /// The same, on an HTTP/2 connection ([`h2_client`]).
+    /// The same, on an HTTP/2 connection ([`http2::client`]).
     #[error("upstream {0}: {1}")]
     H2(SocketAddr, #[source] h2::Error),
 }
@@ -76,7 +76,7 @@ impl SendError {
     pub fn client_body_failed(&self) -> bool {
         let e = match self {
             SendError::Connect(_) => return false,
-            // A body that fails resets the stream from our side ([`h2_client`]).
+            // A body that fails resets the stream from our side ([`http2::client`]).
             SendError::H2(_, h2) => return is_own_reset(h2),
             SendError::Http(_, e) => e,
         };
@@ -268,7 +268,7 @@ pub struct EndpointPool {
     /// HTTP/1.1 connections being dialed (they count against `MESH_H1_CONNECTIONS`).
     h1_dialing: AtomicUsize,
     /// The multiplexed connection, when one is open (a plain mutex: held only to clone).
-    h2: Mutex<Option<h2_client::Connection>>,
+    h2: Mutex<Option<http2::client::Connection>>,
     /// Serializes dialing the HTTP/2 connection, so concurrent first requests share one.
     h2_dialing: tokio::sync::Mutex<()>,
 }
@@ -414,7 +414,7 @@ impl EndpointPool {
     }
 
     /// The open HTTP/2 connection, if any.
-    fn h2_open(&self) -> Option<h2_client::Connection> {
+    fn h2_open(&self) -> Option<http2::client::Connection> {
         let slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
         slot.as_ref().filter(|c| !c.is_closed()).cloned()
     }
@@ -423,7 +423,7 @@ impl EndpointPool {
     async fn h2_connection(
         &self,
         connect_timeout: Duration,
-    ) -> Result<h2_client::Connection, ConnectError> {
+    ) -> Result<http2::client::Connection, ConnectError> {
         if let Some(connection) = self.h2_open() {
             return Ok(connection);
         }
@@ -434,13 +434,13 @@ impl EndpointPool {
     async fn h2_connect(
         &self,
         connect_timeout: Duration,
-    ) -> Result<h2_client::Connection, ConnectError> {
+    ) -> Result<http2::client::Connection, ConnectError> {
         let _dialing = self.h2_dialing.lock().await;
         if let Some(connection) = self.h2_open() {
             return Ok(connection);
         }
         let io = dial(&self.transport, self.addr, Alpn::Http2, connect_timeout).await?;
-        let connection = h2_client::Connection::handshake(io)
+        let connection = http2::client::Connection::handshake(io)
             .await
             .map_err(|e| ConnectError::H2(self.addr, e))?;
         *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(connection.clone());
