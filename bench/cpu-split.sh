@@ -31,44 +31,11 @@ source "$ROOT/bench/pair-setup.sh"
 start_sidecars taskset -c 0
 
 # The HAProxy pair, configured as bench/pair.sh configures "haproxy-h2".
-for svc in web backend; do
-    cat "$WORK/certs/$svc.pem" "$WORK/certs/$svc-key.pem" >"$WORK/certs/$svc-combined.pem"
-done
+combined_pems web backend
 P_HAP_OUT=$((BASE + 20)) P_HAP_IN=$((BASE + 21))
-haproxy_common() {
-    cat <<EOF
-global
-    nbthread 1
-    maxconn 4096
-defaults
-    mode http
-    option http-keep-alive
-    http-reuse always
-    timeout connect 2s
-    timeout client 60s
-    timeout server 60s
-EOF
-}
-{
-    haproxy_common
-    cat <<EOF
-frontend out
-    bind 127.0.0.1:$P_HAP_OUT
-    default_backend mesh
-backend mesh
-    server backend 127.0.0.1:$P_HAP_IN ssl crt $WORK/certs/web-combined.pem ca-file $WORK/ca/ca.pem verify required verifyhost backend sni str(backend) ssl-min-ver TLSv1.3 alpn h2
-EOF
-} >"$WORK/haproxy-out.cfg"
-{
-    haproxy_common
-    cat <<EOF
-frontend in
-    bind 127.0.0.1:$P_HAP_IN ssl crt $WORK/certs/backend-combined.pem ca-file $WORK/ca/ca.pem verify required ssl-min-ver TLSv1.3 alpn h2
-    default_backend app
-backend app
-    server app 127.0.0.1:$P_NGINX
-EOF
-} >"$WORK/haproxy-in.cfg"
+haproxy_cfg "$P_HAP_OUT" "$P_HAP_IN" h2 "$P_NGINX" >"$WORK/haproxy.cfg"
+split_haproxy "$WORK/haproxy.cfg" out >"$WORK/haproxy-out.cfg"
+split_haproxy "$WORK/haproxy.cfg" in >"$WORK/haproxy-in.cfg"
 for side in in out; do
     taskset -c 0 haproxy -db -f "$WORK/haproxy-$side.cfg" >"$WORK/haproxy-$side.log" 2>&1 &
     PIDS+=($!)

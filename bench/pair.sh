@@ -256,9 +256,7 @@ PROCS[outrider]="outrider-web outrider-backend"
 
 # ---------------------------------------------------------------- peers (--compare)
 if [[ $COMPARE == 1 ]]; then
-    for svc in web backend; do
-        cat "$WORK/certs/$svc.pem" "$WORK/certs/$svc-key.pem" >"$WORK/certs/$svc-combined.pem"
-    done
+    combined_pems web backend
     # nginx caller sidecar: plain HTTP in, mTLS (TLS 1.3, client cert, peer verified against
     # the CA and its DNS SAN "backend") out, pooled keep-alive upstream connections.
     {
@@ -326,44 +324,10 @@ EOF
     start nginx-in "$NGINX" -e "$WORK/nginx-in.err" -c "$WORK/nginx-in.conf"
     start nginx-out "$NGINX" -e "$WORK/nginx-out.err" -c "$WORK/nginx-out.conf"
 
-    # HAProxy pairs: one thread each, keep-alive and connection reuse on every leg, TLS 1.3
-    # with client certs, the peer verified against the CA and its DNS SAN. "haproxy" speaks
-    # HTTP/1.1 between the sidecars, "haproxy-h2" HTTP/2 (ALPN h2).
-    haproxy_cfg() { # out_port in_port alpn
-        cat <<EOF
-global
-    nbthread 1
-    maxconn 4096
-    log stderr format raw local0 err
-defaults
-    mode http
-    option http-keep-alive
-    http-reuse always
-    timeout connect 2s
-    timeout client 60s
-    timeout server 60s
-    timeout http-keep-alive 60s
-frontend out
-    bind 127.0.0.1:$1
-    default_backend mesh
-backend mesh
-    server backend 127.0.0.1:$2 ssl crt $WORK/certs/web-combined.pem ca-file $WORK/ca/ca.pem verify required verifyhost backend sni str(backend) ssl-min-ver TLSv1.3 alpn $3
-frontend in
-    bind 127.0.0.1:$2 ssl crt $WORK/certs/backend-combined.pem ca-file $WORK/ca/ca.pem verify required ssl-min-ver TLSv1.3 alpn $3
-    default_backend app
-backend app
-    server app 127.0.0.1:$P_NGINX
-EOF
-    }
-    # The same file holds both sides; each process gets only its half.
-    split_haproxy() { # cfg side(out|in) > cfg
-        awk -v side="$2" '
-            /^(frontend|backend) / { keep = (side == "out") ? ($2 == "out" || $2 == "mesh") : ($2 == "in" || $2 == "app") }
-            /^(global|defaults)/ { keep = 1 }
-            keep' "$1"
-    }
-    haproxy_cfg "$P_HAP_OUT" "$P_HAP_IN" http/1.1 >"$WORK/haproxy.cfg"
-    haproxy_cfg "$P_HAP2_OUT" "$P_HAP2_IN" h2 >"$WORK/haproxy-h2.cfg"
+    # HAProxy pairs (bench/pair-configs.sh): "haproxy" speaks HTTP/1.1 between the sidecars,
+    # "haproxy-h2" HTTP/2 (ALPN h2).
+    haproxy_cfg "$P_HAP_OUT" "$P_HAP_IN" http/1.1 "$P_NGINX" >"$WORK/haproxy.cfg"
+    haproxy_cfg "$P_HAP2_OUT" "$P_HAP2_IN" h2 "$P_NGINX" >"$WORK/haproxy-h2.cfg"
     for v in haproxy haproxy-h2; do
         split_haproxy "$WORK/$v.cfg" out >"$WORK/$v-out.cfg"
         split_haproxy "$WORK/$v.cfg" in >"$WORK/$v-in.cfg"
