@@ -1,6 +1,7 @@
 //! Listeners: accept loops, the HTTP server settings both listeners share (head limits, slow
-//! clients, HTTP/2 stream limits), HTTP/1.1 vs h2c detection, the inbound TLS handshake, and
-//! graceful draining. Outbound HTTP/1.1 connections are parked between requests ([`super::park`]).
+//! clients), HTTP/1.1 vs HTTP/2 detection, the inbound TLS handshake, and graceful draining.
+//! HTTP/2 is served by [`super::http2::server`]; outbound HTTP/1.1 connections are parked
+//! between requests ([`super::park`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -164,7 +165,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 }
 
-/// A hyper connection that can be asked to finish what it has in flight and close.
+/// A hyper (HTTP/1.1) connection that can be asked to finish what it has in flight and close.
 trait Drainable: Future<Output = hyper::Result<()>> {
     fn start_drain(self: Pin<&mut Self>);
 }

@@ -92,19 +92,20 @@ where
             None => return,
         };
         let (parts, recv) = request.into_parts();
-        if parts.method == Method::CONNECT {
+        let (request, tunnel) = if parts.method == Method::CONNECT {
+            // The stream is the tunnel: the handler gets it through `PendingTunnel`, not as a
+            // body.
             let (established, pending) = oneshot::channel();
             let mut request = Request::from_parts(parts, empty());
             request
                 .extensions_mut()
                 .insert(PendingTunnel(Arc::new(Mutex::new(Some(pending)))));
-            let tunnel = Some((established, recv));
-            // Spawned either way: a tunnel lives on after its answer.
-            tokio::spawn(Answer::new(handle(request), respond, tunnel));
-            continue;
-        }
-        let body = boxed(RecvBody::new(recv, &parts.headers));
-        let answer = Answer::new(handle(Request::from_parts(parts, body)), respond, None);
+            (request, Some((established, recv)))
+        } else {
+            let body = boxed(RecvBody::new(recv, &parts.headers));
+            (Request::from_parts(parts, body), None)
+        };
+        let answer = Answer::new(handle(request), respond, tunnel);
         // Boxed: tokio moves a task's future into place when it spawns it and again when it
         // ends; for a 2 KB future that costs more than the allocation (bench/callgrind.sh).
         tokio::spawn(Box::pin(answer));
