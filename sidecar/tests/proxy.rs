@@ -683,6 +683,26 @@ async fn oversized_heads_get_431_and_the_sidecar_keeps_serving() {
             Err(e) => assert!(size > 64 * 1024, "{size}: {e}"),
         }
     }
+    // Over h2c the same limit bounds the header list; the connection keeps serving.
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .resolve("user-service", pair.caller.ports.outbound)
+        .build()
+        .expect("client");
+    let url = format!(
+        "http://user-service:{}/hello",
+        pair.caller.ports.outbound.port()
+    );
+    let big = h2
+        .get(&url)
+        .header("x-big", "a".repeat(9 * 1024))
+        .send()
+        .await
+        .expect("h2 request");
+    assert_eq!(big.status(), 431, "an HTTP/2 head over the limit");
+    let r = h2.get(&url).send().await.expect("h2 request");
+    assert_eq!(r.status(), 200, "the same HTTP/2 connection still serves");
     let r = client()
         .get(format!("{out}/hello"))
         .header("host", "user-service")
@@ -690,7 +710,7 @@ async fn oversized_heads_get_431_and_the_sidecar_keeps_serving() {
         .await
         .expect("request");
     assert_eq!(r.status(), 200);
-    assert_eq!(app.hits(), 1);
+    assert_eq!(app.hits(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]
