@@ -162,9 +162,8 @@ impl http_body::Body for RecvBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if !self.data_done {
-            match ready!(self.recv.poll_data(cx)) {
+            match ready!(poll_data_released(&mut self.recv, cx)) {
                 Some(Ok(data)) => {
-                    let _ = self.recv.flow_control().release_capacity(data.len());
                     if let Some(remaining) = self.remaining.as_mut() {
                         *remaining = remaining.saturating_sub(data.len() as u64);
                     }
@@ -191,6 +190,19 @@ impl http_body::Body for RecvBody {
             None => SizeHint::default(),
         }
     }
+}
+
+/// The stream's next DATA, its window given back to the peer as it is taken: the bytes have left
+/// h2's buffers, so the peer may send more (as hyper does).
+fn poll_data_released(
+    recv: &mut RecvStream,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Bytes, h2::Error>>> {
+    let data = ready!(recv.poll_data(cx));
+    if let Some(Ok(data)) = &data {
+        let _ = recv.flow_control().release_capacity(data.len());
+    }
+    Poll::Ready(data)
 }
 
 /// Pings the peer every [`PING_INTERVAL`]; ready when a pong is [`PING_TIMEOUT`] late or the

@@ -29,7 +29,10 @@ use http_body::Body as _;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
 
-use super::{CONNECTION_WINDOW, KeepAlive, MAX_SEND_BUFFER, Pipe, RecvBody, STREAM_WINDOW};
+use super::{
+    CONNECTION_WINDOW, KeepAlive, MAX_SEND_BUFFER, Pipe, RecvBody, STREAM_WINDOW,
+    poll_data_released,
+};
 use crate::proxy::http::{Body, boxed, empty};
 
 /// Requests one HTTP/2 connection may have in flight.
@@ -249,11 +252,8 @@ impl AsyncRead for Tunnel {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         while self.unread.is_empty() {
-            match ready!(self.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    self.unread = data;
-                }
+            match ready!(poll_data_released(&mut self.recv, cx)) {
+                Some(Ok(data)) => self.unread = data,
                 Some(Err(error)) => return Poll::Ready(Err(io::Error::other(error))),
                 None => return Poll::Ready(Ok(())),
             }
