@@ -156,11 +156,7 @@ async fn h2_rapid_reset_flood_is_cut_off_and_others_are_served() {
     let pki = Pki::new();
     let app = apps::http_app("users").await;
     let pair = Pair::start(&pki, "user-service", app.addr, "", "");
-    let tcp = tokio::net::TcpStream::connect(pair.caller.ports.outbound)
-        .await
-        .expect("connect");
-    let (mut h2, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    let conn = tokio::spawn(conn);
+    let (mut h2, conn) = support::raw_h2(pair.caller.ports.outbound).await;
     let flood = async move {
         let mut sent = 0;
         for _ in 0..5000 {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use outrider::pb::echo::EchoRequest;
 use outrider::pb::echo::echo_client::EchoClient;
-use support::{Pair, Pki, Ports, Sidecar, apps, client, h2_client};
+use support::{Pair, Pki, Ports, Sidecar, apps, client, h2_client, h2_client_resolving, raw_h2};
 
 const WEB_ID: &str = "spiffe://mesh.local/ns/default/sa/web";
 
@@ -51,12 +51,7 @@ async fn routes_by_host_header_proxy_form_and_h2_authority() {
     assert_eq!(seen["path"], "/echo");
     assert_eq!(seen["version"], "HTTP/1.1");
 
-    let h2 = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .resolve("user-service", pair.caller.ports.outbound)
-        .build()
-        .expect("client");
+    let h2 = h2_client_resolving("user-service", pair.caller.ports.outbound);
     let r = h2
         .get(format!(
             "http://user-service:{}/echo",
@@ -108,11 +103,7 @@ async fn connect_tunnel_over_http2_speaks_http_inside() {
     let pki = Pki::new();
     let app = apps::http_app("users").await;
     let pair = Pair::start(&pki, "user-service", app.addr, "", "");
-    let tcp = tokio::net::TcpStream::connect(pair.caller.ports.outbound)
-        .await
-        .expect("connect");
-    let (mut sender, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(connection);
+    let (mut sender, _connection) = raw_h2(pair.caller.ports.outbound).await;
     let connect = http::Request::builder()
         .method(http::Method::CONNECT)
         .uri("user-service:80")
@@ -684,12 +675,7 @@ async fn oversized_heads_get_431_and_the_sidecar_keeps_serving() {
         }
     }
     // Over h2c the same limit bounds the header list; the connection keeps serving.
-    let h2 = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .resolve("user-service", pair.caller.ports.outbound)
-        .build()
-        .expect("client");
+    let h2 = h2_client_resolving("user-service", pair.caller.ports.outbound);
     let url = format!(
         "http://user-service:{}/hello",
         pair.caller.ports.outbound.port()

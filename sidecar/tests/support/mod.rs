@@ -292,6 +292,32 @@ pub fn h2_client() -> reqwest::Client {
         .expect("client")
 }
 
+/// An h2c (prior knowledge) client that resolves `host` to `addr`, so that requests to
+/// `http://{host}:{port}` carry the service's name as `:authority`.
+pub fn h2_client_resolving(host: &str, addr: SocketAddr) -> reqwest::Client {
+    init();
+    reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .resolve(host, addr)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client")
+}
+
+/// A raw HTTP/2 client (the `h2` crate) on a new connection to `addr`: the sender, and the task
+/// that drives the connection (it ends when the server closes it).
+pub async fn raw_h2(
+    addr: SocketAddr,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (sender, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    (sender, tokio::spawn(connection))
+}
+
 /// The config of a caller sidecar that knows `upstreams` by static endpoints (their inbound
 /// addresses), plus the callee sidecars themselves: a two-sidecar mesh in one call.
 pub struct Pair {
