@@ -1142,3 +1142,118 @@ async fn idle_keep_alive_connections_are_parked_without_losing_bytes() {
     .await
     .unwrap_or_else(|e| panic!("{e}\ncaller log:\n{}", pair.caller.logs()));
 }
+
+/// The callee drives its HTTP/1.1 connections to the app from the requests themselves and
+/// pools them between requests (`proxy::http1`): sequential requests of every shape (small,
+/// large and streamed bodies, 204 and HEAD without one, uploads) share one app connection; a
+/// pooled connection the app has cut is replaced without failing the request that finds it;
+/// a client that drops a response half-way costs that connection only, as does an app that
+/// answers an upload early without reading it.
+#[tokio::test(flavor = "multi_thread")]
+async fn app_connections_are_reused_and_a_cut_one_is_replaced() {
+    let pki = Pki::new();
+    let app = apps::ConnectionsApp::start("users").await;
+    let pair = Pair::start(&pki, "user-service", app.app.addr, "", "");
+    let out = pair.caller.outbound_url();
+    let http = client();
+    let request = |method: reqwest::Method, path: &str| {
+        http.request(method, format!("{out}{path}"))
+            .header("host", "user-service")
+    };
+    let hello = || async {
+        let r = request(reqwest::Method::GET, "/hello")
+            .send()
+            .await
+            .expect("hello");
+        let status = r.status();
+        let body = r.text().await.expect("body");
+        assert_eq!(status, 200, "{body} ({} app connections)", app.accepted());
+        assert_eq!(body, "hello from users");
+    };
+    let upload: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    for _ in 0..5 {
+        hello().await;
+        let r = request(reqwest::Method::GET, "/bytes/300000")
+            .send()
+            .await
+            .expect("download");
+        let body = r.bytes().await.expect("body");
+        assert_eq!(body.len(), 300_000);
+        assert!(
+            body.iter()
+                .enumerate()
+                .all(|(i, b)| usize::from(*b) == i % 251)
+        );
+        let r = request(reqwest::Method::GET, "/status/204")
+            .send()
+            .await
+            .expect("204");
+        assert_eq!(r.status(), 204);
+        let r = request(reqwest::Method::HEAD, "/hello")
+            .send()
+            .await
+            .expect("HEAD");
+        assert_eq!(r.status(), 200);
+        assert!(r.bytes().await.expect("body").is_empty());
+        let r = request(reqwest::Method::POST, "/mirror")
+            .body(upload.clone())
+            .send()
+            .await
+            .expect("mirror");
+        assert_eq!(r.bytes().await.expect("body").as_ref(), upload.as_slice());
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+            upload.chunks(7_000).map(|c| Ok(c.to_vec())).collect();
+        let r = request(reqwest::Method::POST, "/echo")
+            .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+                chunks,
+            )))
+            .send()
+            .await
+            .expect("chunked upload");
+        let seen: serde_json::Value = r.json().await.expect("json");
+        assert_eq!(seen["body_len"], 200_000);
+    }
+    assert_eq!(
+        app.accepted(),
+        1,
+        "30 sequential requests share one app connection"
+    );
+
+    app.cut_all();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..3 {
+        hello().await;
+    }
+    assert_eq!(app.accepted(), 2, "the cut connection is replaced once");
+
+    // 16 MB cannot fit in the windows and socket buffers on the way: the download is cut
+    // while the callee is still reading it from the app.
+    let mut r = request(reqwest::Method::GET, "/bytes/16000000")
+        .send()
+        .await
+        .expect("download");
+    assert!(r.chunk().await.expect("first chunk").is_some());
+    drop(r);
+    for _ in 0..3 {
+        hello().await;
+    }
+    assert_eq!(
+        app.accepted(),
+        3,
+        "only the dropped download's connection is replaced"
+    );
+
+    let r = request(reqwest::Method::POST, "/status/413")
+        .body(vec![0u8; 1 << 20])
+        .send()
+        .await
+        .expect("early answer");
+    assert_eq!(r.status(), 413);
+    let together = (0..40).map(|_| hello());
+    futures_util::future::join_all(together).await;
+    assert!(
+        app.accepted() <= 3 + 1 + 40,
+        "{} app connections",
+        app.accepted()
+    );
+}

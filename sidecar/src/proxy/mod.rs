@@ -12,6 +12,7 @@
 //! arguments in place (clippy's `manual_async_fn` is allowed on each, pointing here).
 
 pub mod http;
+mod http1;
 mod http2;
 pub mod inbound;
 pub mod outbound;

@@ -18,13 +18,12 @@ use std::time::Duration;
 
 use futures_util::future::Either;
 use http::{Request, Response};
-use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::http::{Body, boxed, h1_to_h2, origin_form};
-use super::http2;
+use super::{http1, http2};
 use crate::tls::{Alpn, MeshTls};
 
 /// How to reach a service's endpoints.
@@ -48,6 +47,9 @@ pub enum ConnectError {
     Tls(SocketAddr, io::Error),
     #[error("HTTP handshake with {0} failed: {1}")]
     Http(SocketAddr, hyper::Error),
+    /// A new HTTP/1.1 connection that ended before its first request could be written.
+    #[error("connection to {0} closed before the request was sent")]
+    Closed(SocketAddr),
     #[error("HTTP/2 handshake with {0} failed: {1}")]
     H2(SocketAddr, h2::Error),
 }
@@ -243,30 +245,15 @@ fn mesh_h1_connections() -> usize {
     })
 }
 
-/// Counts a dial in progress for as long as it lives (a request whose deadline passes drops
-/// its dial half-way).
-struct Dialing<'a>(&'a AtomicUsize);
-
-impl<'a> Dialing<'a> {
-    fn start(count: &'a AtomicUsize) -> Self {
-        count.fetch_add(1, Ordering::Relaxed);
-        Self(count)
-    }
-}
-
-impl Drop for Dialing<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// The connections to one endpoint.
 pub struct EndpointPool {
     pub addr: SocketAddr,
     transport: Transport,
-    h1: Mutex<Vec<http1::SendRequest<Body>>>,
-    /// HTTP/1.1 connections being dialed (they count against `MESH_H1_CONNECTIONS`).
-    h1_dialing: AtomicUsize,
+    /// Idle HTTP/1.1 connections; one in use is carried by its request ([`http1`]).
+    h1: http1::Idle,
+    /// HTTP/1.1 connections open or being dialed, wherever they are (they count against
+    /// `MESH_H1_CONNECTIONS`).
+    h1_open: Arc<AtomicUsize>,
     /// The multiplexed connection, when one is open (a plain mutex: held only to clone).
     h2: Mutex<Option<http2::client::Connection>>,
     /// Serializes dialing the HTTP/2 connection, so concurrent first requests share one.
@@ -278,16 +265,16 @@ impl EndpointPool {
         Self {
             addr,
             transport,
-            h1: Mutex::new(Vec::new()),
-            h1_dialing: AtomicUsize::new(0),
+            h1: http1::Idle::default(),
+            h1_open: Arc::default(),
             h2: Mutex::new(None),
             h2_dialing: tokio::sync::Mutex::new(()),
         }
     }
 
     /// Sends a request over HTTP/1.1 (pooled) or HTTP/2 (multiplexed), as `req.version()` says.
-    /// To another sidecar, an HTTP/1.x request that finds no free pooled connection once the
-    /// pool holds [`mesh_h1_connections`] rides HTTP/2 instead (marked with its version, see
+    /// To another sidecar, an HTTP/1.x request that finds no idle pooled connection once
+    /// [`mesh_h1_connections`] are open rides HTTP/2 instead (marked with its version, see
     /// [`h1_to_h2`]); with the default cap of 0, every one does.
     ///
     /// A plain fn choosing between two futures rather than an `async fn` awaiting one of them:
@@ -315,56 +302,60 @@ impl EndpointPool {
         connect_timeout: Duration,
     ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + '_ {
         async move {
+            origin_form(&mut req);
+            // An idle connection may have been closed by the peer: then hyper hands the request
+            // back unsent and it goes out on another one, or a fresh one.
+            for _ in 0..2 {
+                let taken = self.h1.lock().unwrap_or_else(|p| p.into_inner()).pop();
+                let Some(connection) = taken else {
+                    break;
+                };
+                match connection.exchange(req, &self.h1, MAX_H1_CONNECTIONS).await {
+                    Ok(response) => return Ok(response),
+                    Err(http1::Failed::Unsent(unsent)) => req = *unsent,
+                    Err(http1::Failed::Exchange(e)) => return Err(SendError::Http(self.addr, e)),
+                }
+            }
             let cap = match self.transport {
                 Transport::Mesh { .. } => mesh_h1_connections(),
                 Transport::Plain => usize::MAX,
             };
-            origin_form(&mut req);
-            // A pooled connection may have been closed by the peer just now: then hyper hands the
-            // request back unsent and it goes out on a fresh connection.
-            for _ in 0..2 {
-                let (taken, open) = {
-                    let mut idle = self.h1.lock().unwrap_or_else(|p| p.into_inner());
-                    idle.retain(|s| !s.is_closed());
-                    let taken = idle
-                        .iter()
-                        .position(|s| s.is_ready())
-                        .map(|i| idle.swap_remove(i));
-                    (taken, idle.len())
-                };
-                let Some(mut sender) = taken else {
-                    if open + self.h1_dialing.load(Ordering::Relaxed) >= cap {
-                        // Boxed: rare, and nesting the HTTP/2 future would enlarge every request's.
-                        return Box::pin(self.send_h2(h1_to_h2(req), connect_timeout)).await;
-                    }
-                    // Boxed (here and below): dialing is rare, and its large future would otherwise
-                    // be part of every request's future.
-                    return Box::pin(self.send_h1_new(req, connect_timeout)).await;
-                };
-                let sent = sender.try_send_request(req);
-                self.h1
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(sender);
-                match sent.await {
-                    Ok(resp) => return Ok(resp.map(boxed)),
-                    Err(mut e) => match e.take_message() {
-                        Some(unsent) => req = unsent,
-                        None => return Err(SendError::Http(self.addr, e.into_error())),
-                    },
-                }
+            if self.h1_open.load(Ordering::Relaxed) >= cap {
+                // Boxed: rare, and nesting the HTTP/2 future would enlarge every request's.
+                return Box::pin(self.send_h2(h1_to_h2(req), connect_timeout)).await;
             }
+            // Boxed: dialing is rare, and its large future would otherwise be part of every
+            // request's future.
             Box::pin(self.send_h1_new(req, connect_timeout)).await
         }
     }
 
-    /// A new HTTP/1.1 connection (upgrades allowed), its driver running on a task.
-    async fn connect_h1(
+    async fn send_h1_new(
+        &self,
+        req: Request<Body>,
+        connect_timeout: Duration,
+    ) -> Result<Response<Body>, SendError> {
+        let open = http1::Counted::start(&self.h1_open);
+        let io = dial(&self.transport, self.addr, Alpn::Http1, connect_timeout).await?;
+        let connection = http1::Connection::handshake(io, UPSTREAM_READ_BUFFER, open)
+            .await
+            .map_err(|e| ConnectError::Http(self.addr, e))?;
+        match connection.exchange(req, &self.h1, MAX_H1_CONNECTIONS).await {
+            Ok(response) => Ok(response),
+            Err(http1::Failed::Exchange(e)) => Err(SendError::Http(self.addr, e)),
+            // A fresh connection takes its first request unless it has already failed.
+            Err(http1::Failed::Unsent(_)) => Err(ConnectError::Closed(self.addr).into()),
+        }
+    }
+
+    /// A new HTTP/1.1 connection for an upgrade, its driver on a task of its own (it outlives
+    /// the request, as the upgraded stream).
+    async fn connect_upgradable(
         &self,
         connect_timeout: Duration,
-    ) -> Result<http1::SendRequest<Body>, ConnectError> {
+    ) -> Result<hyper::client::conn::http1::SendRequest<Body>, ConnectError> {
         let io = dial(&self.transport, self.addr, Alpn::Http1, connect_timeout).await?;
-        let (sender, conn) = http1::Builder::new()
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .max_buf_size(UPSTREAM_READ_BUFFER)
             .handshake(TokioIo::new(io))
             .await
@@ -375,29 +366,6 @@ impl EndpointPool {
         Ok(sender)
     }
 
-    async fn send_h1_new(
-        &self,
-        req: Request<Body>,
-        connect_timeout: Duration,
-    ) -> Result<Response<Body>, SendError> {
-        let connected = {
-            let _dialing = Dialing::start(&self.h1_dialing);
-            self.connect_h1(connect_timeout).await
-        };
-        let mut sender = connected?;
-        let future = sender.send_request(req);
-        {
-            let mut idle = self.h1.lock().unwrap_or_else(|p| p.into_inner());
-            if idle.len() < MAX_H1_CONNECTIONS {
-                idle.push(sender);
-            }
-        }
-        future
-            .await
-            .map(|resp| resp.map(boxed))
-            .map_err(|e| SendError::Http(self.addr, e))
-    }
-
     /// An upgrade request (WebSocket) gets a connection of its own, never returned to the pool.
     pub async fn send_upgrade(
         &self,
@@ -405,7 +373,7 @@ impl EndpointPool {
         connect_timeout: Duration,
     ) -> Result<Response<Body>, SendError> {
         origin_form(&mut req);
-        Box::pin(self.connect_h1(connect_timeout))
+        Box::pin(self.connect_upgradable(connect_timeout))
             .await?
             .send_request(req)
             .await

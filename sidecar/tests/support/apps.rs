@@ -111,6 +111,19 @@ pub async fn http_app(name: &'static str) -> App {
 }
 
 pub async fn http_app_on(addr: SocketAddr, name: &'static str) -> App {
+    let (app, router) = app_router(name);
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("bind app");
+    let app = App {
+        addr: listener.local_addr().expect("addr"),
+        ..app
+    };
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    app
+}
+
+fn app_router(name: &'static str) -> (App, Router) {
     let hits = Arc::new(AtomicUsize::new(0));
     let faults = Arc::new(Faults::default());
     let state = AppState {
@@ -132,12 +145,65 @@ pub async fn http_app_on(addr: SocketAddr, name: &'static str) -> App {
         .route("/lag", any(lag))
         .layer(axum::middleware::from_fn_with_state(state.clone(), count))
         .with_state(state);
-    let listener = tokio::net::TcpListener::bind(addr).await.expect("bind app");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
-    });
-    App { addr, hits, faults }
+    let app = App {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        hits,
+        faults,
+    };
+    (app, router)
+}
+
+/// The HTTP app (HTTP/1.1 only) served connection by connection, so that a test can count the
+/// connections it accepts and cut them all, as an app restarting or timing out idle
+/// keep-alive connections does.
+pub struct ConnectionsApp {
+    pub app: App,
+    accepted: Arc<AtomicUsize>,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl ConnectionsApp {
+    pub async fn start(name: &'static str) -> Self {
+        let (app, router) = app_router(name);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind app");
+        let app = App {
+            addr: listener.local_addr().expect("addr"),
+            ..app
+        };
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (cut, _) = tokio::sync::watch::channel(0);
+        let (count, cuts) = (accepted.clone(), cut.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let service = hyper_util::service::TowerToHyperService::new(router.clone());
+                let mut cut = cuts.subscribe();
+                tokio::spawn(async move {
+                    let io = hyper_util::rt::TokioIo::new(tcp);
+                    let serve = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .with_upgrades();
+                    tokio::select! {
+                        _ = serve => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Self { app, accepted, cut }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Closes every open connection, idle or not, without a word to the peer.
+    pub fn cut_all(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
 }
 
 async fn seq(State(state): State<AppState>, Path(key): Path<String>) -> Response {

@@ -1,0 +1,351 @@
+//! HTTP/1.1 connections to the app or an upstream, driven by the request that uses them.
+//!
+//! hyper's `client::conn::http1` splits a connection into a `SendRequest` handle and a
+//! `Connection` future that does the I/O, usually spawned on a task of its own. A request then
+//! crosses two tasks: it goes through a channel into the connection's task, which wakes to write
+//! it, wakes again when the response arrives and sends the head back through a oneshot, waking
+//! the request's task. Here nothing is spawned: a [`Connection`] is taken out of the pool by one
+//! request, whose task polls hyper's `Connection` future itself until the response body has
+//! been read to its end ([`ResponseBody`]), and then puts it back. The socket wakes the
+//! request's task directly, and the channel and oneshot are only touched within it, so they
+//! never wake anything (`bench/callgrind.sh`, docs/performance.md).
+//!
+//! What this costs:
+//! - An idle connection in the pool is polled by no one, so a peer that closes it is noticed
+//!   when the connection is next taken, not at once. hyper hands the request back unsent in
+//!   that case and it goes out on another connection, as it did when a closed connection's task
+//!   had not yet noticed either ([`super::pool::EndpointPool`]).
+//! - Once the response head is in, the connection's I/O (the rest of a request body too)
+//!   advances only as the response body is read, that is, as fast as the client takes the
+//!   response: the backpressure HTTP/2's flow control already puts on the stream.
+
+use std::future::{Future, poll_fn};
+use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body as _, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+
+use super::http::{Body, BoxError, boxed};
+use super::pool::Io;
+
+/// Idle connections to one endpoint, most recently used last.
+pub(super) type Idle = Arc<Mutex<Vec<Connection>>>;
+
+/// One HTTP/1.1 connection: hyper's handle to send on, and the future that does its I/O.
+/// The driver is boxed once per connection: it is 680 bytes, moved out of the pool and back on
+/// every request, and held in each request's future.
+pub(super) struct Connection {
+    sender: http1::SendRequest<Body>,
+    driver: Box<Driver>,
+    _open: Counted,
+}
+
+/// hyper's future that does a connection's I/O.
+type Driver = http1::Connection<TokioIo<Io>, Body>;
+
+/// Counts a connection (or its dial) in an endpoint's open connections for as long as it lives,
+/// wherever it is: in the pool, carried by a request, or dropped half-way by a deadline.
+pub(super) struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    pub(super) fn start(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Why an exchange did not produce a response.
+pub(super) enum Failed {
+    /// The request was never written (the connection was closed or not ready): it may go out on
+    /// another connection. Boxed: rare, and the request would otherwise enlarge every result.
+    Unsent(Box<Request<Body>>),
+    /// The request was (or may have been) written and the exchange failed.
+    Exchange(hyper::Error),
+}
+
+impl Connection {
+    /// hyper's handshake on `io` (it only sets the connection up; nothing is sent), counted
+    /// by `open` from its dial on.
+    pub(super) async fn handshake(
+        io: Io,
+        read_buffer: usize,
+        open: Counted,
+    ) -> hyper::Result<Self> {
+        let (sender, driver) = http1::Builder::new()
+            .max_buf_size(read_buffer)
+            .handshake(TokioIo::new(io))
+            .await?;
+        Ok(Self {
+            sender,
+            driver: Box::new(driver),
+            _open: open,
+        })
+    }
+
+    /// Sends `req` and waits for the response head. The response's body carries the connection
+    /// on, and gives it back to `idle` (if it holds fewer than `cap`) once read to its end.
+    #[allow(clippy::manual_async_fn)] // Not `async fn`: see "Futures" in `proxy`.
+    pub(super) fn exchange(
+        self,
+        req: Request<Body>,
+        idle: &Idle,
+        cap: usize,
+    ) -> impl Future<Output = Result<Response<Body>, Failed>> + Send + '_ {
+        async move {
+            let Connection {
+                mut sender,
+                driver,
+                _open,
+            } = self;
+            // `None` once the connection has ended (closed by either side, or failed): dropping
+            // hyper's driver then hands back a request it had not written.
+            let mut driver = Some(driver);
+            if !sender.is_ready() {
+                // Not polled since its last exchange ended (or never): one poll lets hyper see
+                // the exchange through, or the peer's close, and ask for the next request.
+                poll_fn(|cx| {
+                    drive(&mut driver, cx);
+                    Poll::Ready(())
+                })
+                .await;
+            }
+            let response = {
+                let mut sent = pin!(sender.try_send_request(req));
+                poll_fn(|cx| {
+                    drive(&mut driver, cx);
+                    // Only a poll of the driver, by this task, fulfils `sent`, and the driver
+                    // has just registered this task's waker for what it waits on: `sent` needs
+                    // none. (Once the driver is dropped, `sent` is already fulfilled.)
+                    let waker = if driver.is_some() {
+                        Waker::noop()
+                    } else {
+                        cx.waker()
+                    };
+                    sent.as_mut().poll(&mut Context::from_waker(waker))
+                })
+                .await
+            };
+            match response {
+                Ok(response) => {
+                    let carried = driver.map(|driver| Connection {
+                        sender,
+                        driver,
+                        _open,
+                    });
+                    Ok(response.map(|body| ResponseBody::carry(body, carried, idle, cap)))
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => Err(Failed::Unsent(Box::new(unsent))),
+                    None => Err(Failed::Exchange(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// Back into `idle`, unless it already holds `cap` connections.
+    fn release(self, idle: &Idle, cap: usize) {
+        let mut idle = idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < cap {
+            idle.push(self);
+        }
+    }
+}
+
+/// A response body read from a [`Connection`] this body drives, which it gives back to the
+/// pool at the body's end. Dropped before its end, it closes the connection (the rest of the
+/// body would have to be read first, as with hyper's own pool).
+struct ResponseBody {
+    body: Incoming,
+    /// Until the end of the body is read: the connection, and the pool it goes back to.
+    connection: Option<(Connection, Idle, usize)>,
+}
+
+impl ResponseBody {
+    /// The response's body, boxed: as it is when it is already complete (no body, or the
+    /// connection ended with it), else wrapped to drive `connection` until it is.
+    fn carry(body: Incoming, connection: Option<Connection>, idle: &Idle, cap: usize) -> Body {
+        match connection {
+            None => boxed(body),
+            Some(connection) if body.is_end_stream() => {
+                connection.release(idle, cap);
+                boxed(body)
+            }
+            Some(connection) => boxed(ResponseBody {
+                body,
+                connection: Some((connection, idle.clone(), cap)),
+            }),
+        }
+    }
+}
+
+/// Polls a connection's I/O once, and drops it once it has ended.
+fn drive(driver: &mut Option<Box<Driver>>, cx: &mut Context<'_>) {
+    if let Some(running) = driver
+        && Pin::new(running.as_mut()).poll(cx).is_ready()
+    {
+        *driver = None;
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let Some((connection, ..)) = this.connection.as_mut() else {
+            return Pin::new(&mut this.body).poll_frame(cx).map_err(Into::into);
+        };
+        // The body is fed by the driver alone, which this task polls, registering its waker
+        // for the socket: the body needs no waker of its own (see `exchange`). What an earlier
+        // poll of the driver already read comes first.
+        let mut quiet = Context::from_waker(Waker::noop());
+        let mut frame = Pin::new(&mut this.body).poll_frame(&mut quiet);
+        if frame.is_pending() {
+            if Pin::new(connection.driver.as_mut()).poll(cx).is_ready() {
+                // Ended: what it read is in the body's channel, which ends when it is drained.
+                this.connection = None;
+                return Pin::new(&mut this.body).poll_frame(cx).map_err(Into::into);
+            }
+            frame = Pin::new(&mut this.body).poll_frame(&mut quiet);
+        }
+        match &frame {
+            Poll::Ready(None) => this.finish(),
+            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.finish(),
+            Poll::Ready(Some(Err(_))) => this.connection = None,
+            _ => {}
+        }
+        frame.map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl ResponseBody {
+    fn finish(&mut self) {
+        if let Some((connection, idle, cap)) = self.connection.take() {
+            connection.release(&idle, cap);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::AtomicUsize;
+
+    use http_body::Body as _;
+    use http_body_util::{BodyExt, Full};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// A hyper HTTP/1.1 app on loopback answering `/{n}` with n bytes; counts its connections,
+    /// and closes each after one response unless `keep_alive`.
+    async fn app(keep_alive: bool) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let n: usize = req.uri().path()[1..].parse().unwrap_or(0);
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(vec![b'x'; n]))))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .keep_alive(keep_alive)
+                        .serve_connection(TokioIo::new(tcp), service),
+                );
+            }
+        });
+        (addr, accepted)
+    }
+
+    async fn connect(addr: std::net::SocketAddr, open: &Arc<AtomicUsize>) -> Connection {
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        Connection::handshake(Io::Plain(tcp), 20 * 1024, Counted::start(open))
+            .await
+            .expect("handshake")
+    }
+
+    fn get(n: usize) -> Request<Body> {
+        Request::get(format!("/{n}"))
+            .header("host", "app")
+            .body(boxed(http_body_util::Empty::<Bytes>::new()))
+            .expect("request")
+    }
+
+    async fn exchange(connection: Connection, idle: &Idle, n: usize) {
+        let response = match connection.exchange(get(n), idle, 4).await {
+            Ok(response) => response,
+            Err(Failed::Unsent(_)) => panic!("unsent"),
+            Err(Failed::Exchange(e)) => panic!("exchange: {e}"),
+        };
+        // As the HTTP/2 server's `Pipe` reads it: frames until the body says it has ended,
+        // then the body is dropped.
+        let mut body = response.into_body();
+        let mut len = 0;
+        while !body.is_end_stream() {
+            match body.frame().await {
+                Some(frame) => len += frame.expect("frame").into_data().map_or(0, |d| d.len()),
+                None => break,
+            }
+        }
+        drop(body);
+        assert_eq!(len, n);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn one_connection_serves_requests_in_turn_and_goes_back_to_the_pool() {
+        let (addr, accepted) = app(true).await;
+        let open = Arc::new(AtomicUsize::new(0));
+        let idle = Idle::default();
+        exchange(connect(addr, &open).await, &idle, 2).await;
+        for n in [0, 2, 100_000, 5] {
+            let connection = idle.lock().expect("lock").pop().expect("pooled");
+            exchange(connection, &idle, n).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(open.load(Ordering::SeqCst), 1);
+        idle.lock().expect("lock").clear();
+        assert_eq!(open.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_connection_the_app_closes_is_not_pooled() {
+        let (addr, accepted) = app(false).await;
+        let open = Arc::new(AtomicUsize::new(0));
+        let idle = Idle::default();
+        for n in [2, 100_000] {
+            exchange(connect(addr, &open).await, &idle, n).await;
+            assert!(idle.lock().expect("lock").is_empty());
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(open.load(Ordering::SeqCst), 0);
+    }
+}
