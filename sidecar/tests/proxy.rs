@@ -1243,7 +1243,11 @@ async fn app_connections_are_reused_and_a_cut_one_is_replaced() {
         "only the dropped download's connection is replaced"
     );
 
-    let r = request(reqwest::Method::POST, "/status/413")
+    // A client of its own: a connection whose request body was not read is closed after the
+    // answer, and a client may race to reuse it (hyper's IncompleteMessage).
+    let r = client()
+        .post(format!("{out}/status/413"))
+        .header("host", "user-service")
         .body(vec![0u8; 1 << 20])
         .send()
         .await
@@ -1256,4 +1260,30 @@ async fn app_connections_are_reused_and_a_cut_one_is_replaced() {
         "{} app connections",
         app.accepted()
     );
+
+    // Idle connections the app closes are closed on the sidecar's side too, by the pool's
+    // sweep (every 5 s), even when no request comes to take them.
+    app.cut_all();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        half_closed_to(app.app.addr) > 0,
+        "the pool holds idle connections"
+    );
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(half_closed_to(app.app.addr), 0, "closed by the sweep");
+}
+
+/// Sockets on this host in `CLOSE_WAIT` towards `addr`: closed by that peer, not yet by ours.
+fn half_closed_to(addr: std::net::SocketAddr) -> usize {
+    const CLOSE_WAIT: &str = "08";
+    let remote = format!(":{:04X}", addr.port());
+    std::fs::read_to_string("/proc/net/tcp")
+        .expect("/proc/net/tcp")
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() > 3 && fields[2].ends_with(&remote) && fields[3] == CLOSE_WAIT
+        })
+        .count()
 }

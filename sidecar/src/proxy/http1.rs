@@ -12,8 +12,9 @@
 //!
 //! What this costs:
 //! - An idle connection in the pool is polled by no one, so a peer that closes it is noticed
-//!   when the connection is next taken, not at once. hyper hands the request back unsent in
-//!   that case and it goes out on another connection, as it did when a closed connection's task
+//!   when the connection is next taken, or by the pool's sweep every [`SWEEP_INTERVAL`]
+//!   ([`spawn_sweeper`]), not at once. hyper hands the request back unsent when it notices at
+//!   take-up, and it goes out on another connection, as it did when a closed connection's task
 //!   had not yet noticed either ([`super::pool::EndpointPool`]).
 //! - Once the response head is in, the connection's I/O (the rest of a request body too)
 //!   advances only as the response body is read, that is, as fast as the client takes the
@@ -24,6 +25,7 @@ use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -37,6 +39,53 @@ use super::pool::Io;
 
 /// Idle connections to one endpoint, most recently used last.
 pub(super) type Idle = Arc<Mutex<Vec<Connection>>>;
+
+/// How often a pool's idle connections are checked for a close by their peer.
+pub(super) const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Starts the task that runs [`sweep`] on `idle` every [`SWEEP_INTERVAL`]; it ends with the
+/// pool.
+pub(super) fn spawn_sweeper(idle: &Idle, cap: usize) {
+    let idle = Arc::downgrade(idle);
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(SWEEP_INTERVAL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every.tick().await;
+        loop {
+            every.tick().await;
+            let Some(idle) = idle.upgrade() else {
+                return;
+            };
+            sweep(&idle, cap);
+        }
+    });
+}
+
+/// Closes the idle connections whose peer has closed them (an app's keep-alive timeout, a
+/// restart). No request polls an idle connection, so without this one that is not taken again
+/// would keep its socket (in `CLOSE_WAIT`) and its buffers for good. Each is polled once with a
+/// no-op waker, outside the lock: a peer's close makes the socket readable, hyper reads the end
+/// of the stream and its driver ends.
+pub(super) fn sweep(idle: &Idle, cap: usize) {
+    let taken = std::mem::take(&mut *idle.lock().unwrap_or_else(|p| p.into_inner()));
+    if taken.is_empty() {
+        return;
+    }
+    let mut quiet = Context::from_waker(Waker::noop());
+    let open: Vec<Connection> = taken
+        .into_iter()
+        .filter_map(|mut connection| {
+            let driver = Pin::new(connection.driver.as_mut());
+            driver.poll(&mut quiet).is_pending().then_some(connection)
+        })
+        .collect();
+    let mut idle = idle.lock().unwrap_or_else(|p| p.into_inner());
+    // Connections released meanwhile are the most recently used: they stay on top.
+    let released = std::mem::replace(&mut *idle, open);
+    idle.extend(released);
+    let excess = idle.len().saturating_sub(cap);
+    idle.drain(..excess);
+}
 
 /// One HTTP/1.1 connection: hyper's handle to send on, and the future that does its I/O.
 /// The driver is boxed once per connection: it is 680 bytes, moved out of the pool and back on
@@ -346,6 +395,36 @@ mod tests {
             assert!(idle.lock().expect("lock").is_empty());
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(open.load(Ordering::SeqCst), 0);
+    }
+
+    /// An app that answers one request, then closes the idle connection a little later (as a
+    /// keep-alive timeout does): the sweep finds it closed and drops it from the pool.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_sweep_drops_an_idle_connection_its_peer_closed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.expect("accept");
+            let mut head = [0u8; 1024];
+            let _ = tcp.read(&mut head).await;
+            tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await
+                .expect("answer");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        });
+        let open = Arc::new(AtomicUsize::new(0));
+        let idle = Idle::default();
+        exchange(connect(addr, &open).await, &idle, 2).await;
+        sweep(&idle, 4);
+        assert_eq!(idle.lock().expect("lock").len(), 1, "still open: kept");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        sweep(&idle, 4);
+        assert!(
+            idle.lock().expect("lock").is_empty(),
+            "closed by the app: dropped"
+        );
         assert_eq!(open.load(Ordering::SeqCst), 0);
     }
 }

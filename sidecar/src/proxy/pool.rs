@@ -254,6 +254,9 @@ pub struct EndpointPool {
     /// HTTP/1.1 connections open or being dialed, wherever they are (they count against
     /// `MESH_H1_CONNECTIONS`).
     h1_open: Arc<AtomicUsize>,
+    /// Starts the sweep of closed idle connections with the first HTTP/1.1 connection
+    /// ([`http1::spawn_sweeper`]): pools that only ever use HTTP/2 need none.
+    h1_sweeper: std::sync::Once,
     /// The multiplexed connection, when one is open (a plain mutex: held only to clone).
     h2: Mutex<Option<http2::client::Connection>>,
     /// Serializes dialing the HTTP/2 connection, so concurrent first requests share one.
@@ -267,6 +270,7 @@ impl EndpointPool {
             transport,
             h1: http1::Idle::default(),
             h1_open: Arc::default(),
+            h1_sweeper: std::sync::Once::new(),
             h2: Mutex::new(None),
             h2_dialing: tokio::sync::Mutex::new(()),
         }
@@ -335,6 +339,8 @@ impl EndpointPool {
         req: Request<Body>,
         connect_timeout: Duration,
     ) -> Result<Response<Body>, SendError> {
+        self.h1_sweeper
+            .call_once(|| http1::spawn_sweeper(&self.h1, MAX_H1_CONNECTIONS));
         let open = http1::Counted::start(&self.h1_open);
         let io = dial(&self.transport, self.addr, Alpn::Http1, connect_timeout).await?;
         let connection = http1::Connection::handshake(io, UPSTREAM_READ_BUFFER, open)
