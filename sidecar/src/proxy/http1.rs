@@ -45,7 +45,7 @@ pub(super) const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Starts the task that runs [`sweep`] on `idle` every [`SWEEP_INTERVAL`]; it ends with the
 /// pool.
-pub(super) fn spawn_sweeper(idle: &Idle, cap: usize) {
+pub(super) fn spawn_sweeper(idle: &Idle) {
     let idle = Arc::downgrade(idle);
     tokio::spawn(async move {
         let mut every = tokio::time::interval(SWEEP_INTERVAL);
@@ -56,7 +56,7 @@ pub(super) fn spawn_sweeper(idle: &Idle, cap: usize) {
             let Some(idle) = idle.upgrade() else {
                 return;
             };
-            sweep(&idle, cap);
+            sweep(&idle);
         }
     });
 }
@@ -64,27 +64,18 @@ pub(super) fn spawn_sweeper(idle: &Idle, cap: usize) {
 /// Closes the idle connections whose peer has closed them (an app's keep-alive timeout, a
 /// restart). No request polls an idle connection, so without this one that is not taken again
 /// would keep its socket (in `CLOSE_WAIT`) and its buffers for good. Each is polled once with a
-/// no-op waker, outside the lock: a peer's close makes the socket readable, hyper reads the end
-/// of the stream and its driver ends.
-pub(super) fn sweep(idle: &Idle, cap: usize) {
-    let taken = std::mem::take(&mut *idle.lock().unwrap_or_else(|p| p.into_inner()));
-    if taken.is_empty() {
-        return;
-    }
+/// no-op waker: a peer's close makes the socket readable, hyper reads the end of the stream and
+/// its driver ends. Under the lock, so that a request arriving meanwhile waits for the sweep
+/// instead of finding the pool empty and dialing.
+pub(super) fn sweep(idle: &Idle) {
     let mut quiet = Context::from_waker(Waker::noop());
-    let open: Vec<Connection> = taken
-        .into_iter()
-        .filter_map(|mut connection| {
-            let driver = Pin::new(connection.driver.as_mut());
-            driver.poll(&mut quiet).is_pending().then_some(connection)
-        })
-        .collect();
-    let mut idle = idle.lock().unwrap_or_else(|p| p.into_inner());
-    // Connections released meanwhile are the most recently used: they stay on top.
-    let released = std::mem::replace(&mut *idle, open);
-    idle.extend(released);
-    let excess = idle.len().saturating_sub(cap);
-    idle.drain(..excess);
+    idle.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain_mut(|connection| {
+            Pin::new(connection.driver.as_mut())
+                .poll(&mut quiet)
+                .is_pending()
+        });
 }
 
 /// One HTTP/1.1 connection: hyper's handle to send on, and the future that does its I/O.
@@ -417,10 +408,10 @@ mod tests {
         let open = Arc::new(AtomicUsize::new(0));
         let idle = Idle::default();
         exchange(connect(addr, &open).await, &idle, 2).await;
-        sweep(&idle, 4);
+        sweep(&idle);
         assert_eq!(idle.lock().expect("lock").len(), 1, "still open: kept");
         tokio::time::sleep(Duration::from_millis(300)).await;
-        sweep(&idle, 4);
+        sweep(&idle);
         assert!(
             idle.lock().expect("lock").is_empty(),
             "closed by the app: dropped"

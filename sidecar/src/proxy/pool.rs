@@ -339,8 +339,7 @@ impl EndpointPool {
         req: Request<Body>,
         connect_timeout: Duration,
     ) -> Result<Response<Body>, SendError> {
-        self.h1_sweeper
-            .call_once(|| http1::spawn_sweeper(&self.h1, MAX_H1_CONNECTIONS));
+        self.h1_sweeper.call_once(|| http1::spawn_sweeper(&self.h1));
         let open = http1::Counted::start(&self.h1_open);
         let io = dial(&self.transport, self.addr, Alpn::Http1, connect_timeout).await?;
         let connection = http1::Connection::handshake(io, UPSTREAM_READ_BUFFER, open)
