@@ -1252,7 +1252,15 @@ async fn app_connections_are_reused_and_a_cut_one_is_replaced() {
         .send()
         .await
         .expect("early answer");
-    assert_eq!(r.status(), 413);
+    // The app closes the connection with most of the upload unread, so its kernel resets the
+    // connection, and the reset can destroy the 413 before the sidecar reads it. The sidecar
+    // then answers 503 `unavailable` itself, as Envoy does. Either way it keeps serving.
+    let status = r.status().as_u16();
+    let body = r.text().await.expect("body");
+    assert!(
+        status == 413 || (status == 503 && body.contains("unavailable")),
+        "{status} {body}"
+    );
     let together = (0..40).map(|_| hello());
     futures_util::future::join_all(together).await;
     assert!(
@@ -1263,19 +1271,24 @@ async fn app_connections_are_reused_and_a_cut_one_is_replaced() {
 
     // Idle connections the app closes are closed on the sidecar's side too, by the pool's
     // sweep (every 5 s), even when no request comes to take them.
-    app.cut_all();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    const ESTABLISHED: &str = "01";
+    const CLOSE_WAIT: &str = "08";
     assert!(
-        half_closed_to(app.app.addr) > 0,
+        sockets_to(app.app.addr, ESTABLISHED) > 0,
         "the pool holds idle connections"
     );
+    app.cut_all();
     tokio::time::sleep(Duration::from_secs(6)).await;
-    assert_eq!(half_closed_to(app.app.addr), 0, "closed by the sweep");
+    assert_eq!(
+        sockets_to(app.app.addr, CLOSE_WAIT),
+        0,
+        "closed by the sweep"
+    );
 }
 
-/// Sockets on this host in `CLOSE_WAIT` towards `addr`: closed by that peer, not yet by ours.
-fn half_closed_to(addr: std::net::SocketAddr) -> usize {
-    const CLOSE_WAIT: &str = "08";
+/// Sockets on this host towards `addr` in a TCP state (`/proc/net/tcp`'s hex code: 01
+/// established, 08 `CLOSE_WAIT`, closed by that peer and not yet by ours).
+fn sockets_to(addr: std::net::SocketAddr, state: &str) -> usize {
     let remote = format!(":{:04X}", addr.port());
     std::fs::read_to_string("/proc/net/tcp")
         .expect("/proc/net/tcp")
@@ -1283,7 +1296,7 @@ fn half_closed_to(addr: std::net::SocketAddr) -> usize {
         .skip(1)
         .filter(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            fields.len() > 3 && fields[2].ends_with(&remote) && fields[3] == CLOSE_WAIT
+            fields.len() > 3 && fields[2].ends_with(&remote) && fields[3] == state
         })
         .count()
 }
