@@ -71,11 +71,7 @@ pub(super) fn sweep(idle: &Idle) {
     let mut quiet = Context::from_waker(Waker::noop());
     idle.lock()
         .unwrap_or_else(|p| p.into_inner())
-        .retain_mut(|connection| {
-            Pin::new(connection.driver.as_mut())
-                .poll(&mut quiet)
-                .is_pending()
-        });
+        .retain_mut(|connection| connection.poll_open(&mut quiet));
 }
 
 /// One HTTP/1.1 connection: hyper's handle to send on, and the future that does its I/O.
@@ -145,31 +141,30 @@ impl Connection {
         cap: usize,
     ) -> impl Future<Output = Result<Response<Body>, Failed>> + Send + '_ {
         async move {
-            let Connection {
-                mut sender,
-                driver,
-                _open,
-            } = self;
+            let ready = self.sender.is_ready();
             // `None` once the connection has ended (closed by either side, or failed): dropping
             // hyper's driver then hands back a request it had not written.
-            let mut driver = Some(driver);
-            if !sender.is_ready() {
+            let mut connection = Some(self);
+            if !ready {
                 // Not polled since its last exchange ended (or never): one poll lets hyper see
                 // the exchange through, or the peer's close, and ask for the next request.
                 poll_fn(|cx| {
-                    drive(&mut driver, cx);
+                    drive(&mut connection, cx);
                     Poll::Ready(())
                 })
                 .await;
             }
+            let Some(open) = connection.as_mut() else {
+                return Err(Failed::Unsent(Box::new(req)));
+            };
             let response = {
-                let mut sent = pin!(sender.try_send_request(req));
+                let mut sent = pin!(open.sender.try_send_request(req));
                 poll_fn(|cx| {
-                    drive(&mut driver, cx);
+                    drive(&mut connection, cx);
                     // Only a poll of the driver, by this task, fulfils `sent`, and the driver
                     // has just registered this task's waker for what it waits on: `sent` needs
                     // none. (Once the driver is dropped, `sent` is already fulfilled.)
-                    let waker = if driver.is_some() {
+                    let waker = if connection.is_some() {
                         Waker::noop()
                     } else {
                         cx.waker()
@@ -180,12 +175,7 @@ impl Connection {
             };
             match response {
                 Ok(response) => {
-                    let carried = driver.map(|driver| Connection {
-                        sender,
-                        driver,
-                        _open,
-                    });
-                    Ok(response.map(|body| ResponseBody::carry(body, carried, idle, cap)))
+                    Ok(response.map(|body| ResponseBody::carry(body, connection, idle, cap)))
                 }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => Err(Failed::Unsent(Box::new(unsent))),
@@ -193,6 +183,12 @@ impl Connection {
                 },
             }
         }
+    }
+
+    /// Polls the I/O once; false once the connection has ended (closed by either side, or
+    /// failed), after which it must not be polled again.
+    fn poll_open(&mut self, cx: &mut Context<'_>) -> bool {
+        Pin::new(self.driver.as_mut()).poll(cx).is_pending()
     }
 
     /// Back into `idle`, unless it already holds `cap` connections.
@@ -232,11 +228,9 @@ impl ResponseBody {
 }
 
 /// Polls a connection's I/O once, and drops it once it has ended.
-fn drive(driver: &mut Option<Box<Driver>>, cx: &mut Context<'_>) {
-    if let Some(running) = driver
-        && Pin::new(running.as_mut()).poll(cx).is_ready()
-    {
-        *driver = None;
+fn drive(connection: &mut Option<Connection>, cx: &mut Context<'_>) {
+    if connection.as_mut().is_some_and(|open| !open.poll_open(cx)) {
+        *connection = None;
     }
 }
 
@@ -258,7 +252,7 @@ impl http_body::Body for ResponseBody {
         let mut quiet = Context::from_waker(Waker::noop());
         let mut frame = Pin::new(&mut this.body).poll_frame(&mut quiet);
         if frame.is_pending() {
-            if Pin::new(connection.driver.as_mut()).poll(cx).is_ready() {
+            if !connection.poll_open(cx) {
                 // Ended: what it read is in the body's channel, which ends when it is drained.
                 this.connection = None;
                 return Pin::new(&mut this.body).poll_frame(cx).map_err(Into::into);
