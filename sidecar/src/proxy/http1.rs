@@ -35,7 +35,7 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
 use super::http::{Body, BoxError, boxed};
-use super::pool::Io;
+use super::pool::{Io, UPSTREAM_READ_BUFFER};
 
 /// Idle connections to one endpoint, most recently used last.
 pub(super) type Idle = Arc<Mutex<Vec<Connection>>>;
@@ -103,6 +103,25 @@ impl Drop for Counted {
     }
 }
 
+/// hyper's handshake on `io` (it only sets the connection up; nothing is sent), with the read
+/// buffer capped at [`UPSTREAM_READ_BUFFER`]: the one set-up of pooled and upgrade connections.
+async fn handshake(io: Io) -> hyper::Result<(http1::SendRequest<Body>, Driver)> {
+    http1::Builder::new()
+        .max_buf_size(UPSTREAM_READ_BUFFER)
+        .handshake(TokioIo::new(io))
+        .await
+}
+
+/// A connection for an upgrade (WebSocket), never pooled: its driver runs on a task of its own,
+/// since the upgraded stream outlives the request.
+pub(super) async fn upgradable(io: Io) -> hyper::Result<http1::SendRequest<Body>> {
+    let (sender, driver) = handshake(io).await?;
+    tokio::spawn(async move {
+        let _ = driver.with_upgrades().await;
+    });
+    Ok(sender)
+}
+
 /// Why an exchange did not produce a response.
 pub(super) enum Failed {
     /// The request was never written (the connection was closed or not ready): it may go out on
@@ -113,17 +132,9 @@ pub(super) enum Failed {
 }
 
 impl Connection {
-    /// hyper's handshake on `io` (it only sets the connection up; nothing is sent), counted
-    /// by `open` from its dial on.
-    pub(super) async fn handshake(
-        io: Io,
-        read_buffer: usize,
-        open: Counted,
-    ) -> hyper::Result<Self> {
-        let (sender, driver) = http1::Builder::new()
-            .max_buf_size(read_buffer)
-            .handshake(TokioIo::new(io))
-            .await?;
+    /// A pooled connection on `io`, counted by `open` from its dial on.
+    pub(super) async fn handshake(io: Io, open: Counted) -> hyper::Result<Self> {
+        let (sender, driver) = handshake(io).await?;
         Ok(Self {
             sender,
             driver: Box::new(driver),
@@ -322,7 +333,7 @@ mod tests {
 
     async fn connect(addr: std::net::SocketAddr, open: &Arc<AtomicUsize>) -> Connection {
         let tcp = TcpStream::connect(addr).await.expect("connect");
-        Connection::handshake(Io::Plain(tcp), 20 * 1024, Counted::start(open))
+        Connection::handshake(Io::Plain(tcp), Counted::start(open))
             .await
             .expect("handshake")
     }

@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use futures_util::future::Either;
 use http::{Request, Response};
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -342,7 +341,7 @@ impl EndpointPool {
         self.h1_sweeper.call_once(|| http1::spawn_sweeper(&self.h1));
         let open = http1::Counted::start(&self.h1_open);
         let io = dial(&self.transport, self.addr, Alpn::Http1, connect_timeout).await?;
-        let connection = http1::Connection::handshake(io, UPSTREAM_READ_BUFFER, open)
+        let connection = http1::Connection::handshake(io, open)
             .await
             .map_err(|e| ConnectError::Http(self.addr, e))?;
         match connection.exchange(req, &self.h1, MAX_H1_CONNECTIONS).await {
@@ -360,15 +359,9 @@ impl EndpointPool {
         connect_timeout: Duration,
     ) -> Result<hyper::client::conn::http1::SendRequest<Body>, ConnectError> {
         let io = dial(&self.transport, self.addr, Alpn::Http1, connect_timeout).await?;
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .max_buf_size(UPSTREAM_READ_BUFFER)
-            .handshake(TokioIo::new(io))
+        http1::upgradable(io)
             .await
-            .map_err(|e| ConnectError::Http(self.addr, e))?;
-        tokio::spawn(async move {
-            let _ = conn.with_upgrades().await;
-        });
-        Ok(sender)
+            .map_err(|e| ConnectError::Http(self.addr, e))
     }
 
     /// An upgrade request (WebSocket) gets a connection of its own, never returned to the pool.
