@@ -6,7 +6,10 @@
 #   bench/ab.sh BIN_A BIN_B [ROUNDS=5] [SECONDS=5] [CONNECTIONS=64]
 #   env: ENV_A, ENV_B   extra environment of each side, e.g. ENV_B="OUTRIDER_MESH_H1_CONNECTIONS=64"
 #        BENCH_PORT_BASE (default 21700), OUTRIDER_WORKER_THREADS (default 1),
-#        AB_PATH (default /: a 2-byte body; /16k.bin: 16 KiB)
+#        AB_PATH (default /: a 2-byte body; /16k.bin: 16 KiB),
+#        AB_RATE (requests per second: a fixed-rate load from bench/loadgen instead of wrk's
+#        maximum, to compare the CPU per request of a moderately loaded pair; build
+#        loadgen first: cargo build --release -p loadgen)
 #
 # One nginx backend (`return 200 "ok"`) and, per round and per build, a fresh caller+callee pair
 # with mTLS pinned to core 0 with nginx, wrk pinned to core 1, in the order A B A B ... For each
@@ -24,6 +27,8 @@ BASE="${BENCH_PORT_BASE:-21700}"
 # shellcheck source=bench/require.sh
 source "$ROOT/bench/require.sh"
 require ab.sh wrk nginx curl taskset
+LOADGEN="${CARGO_TARGET_DIR:-$ROOT/target}/release/loadgen"
+[[ -z "${AB_RATE:-}" || -x "$LOADGEN" ]] || { echo "ab.sh: AB_RATE needs $LOADGEN" >&2; exit 1; }
 OUTRIDER="$BIN_A"
 NAME=ab
 NGINX_PREFIX=(taskset -c 0)
@@ -53,14 +58,20 @@ run_one() { # label bin env
     local before_web before_be
     before_web=$(cpu_ticks "${pids[0]}") before_be=$(cpu_ticks "${pids[1]}")
     local before=$((before_web + before_be))
-    local out
-    out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${SECS}s" -H "Host: backend" "http://127.0.0.1:$P_WEB_OUT${AB_PATH:-/}")
+    local out requests rps
+    if [[ -n "${AB_RATE:-}" ]]; then
+        out=$(taskset -c 1 "$LOADGEN" run --url "http://127.0.0.1:$P_WEB_OUT${AB_PATH:-/}" \
+            --host backend --rate "$AB_RATE" -c "$CONNS" --duration "$SECS" --warmup 0 2>&1 >/dev/null)
+        requests=$(awk '{for (i = 1; i < NF; i++) if ($(i + 1) == "ok,") print $i}' <<<"$out")
+        rps=$(awk '{for (i = 1; i < NF; i++) if ($(i + 1) == "req/s;") print $i}' <<<"$out")
+    else
+        out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${SECS}s" -H "Host: backend" "http://127.0.0.1:$P_WEB_OUT${AB_PATH:-/}")
+        requests=$(awk '/requests in/ {print $1}' <<<"$out")
+        rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    fi
     local after_web after_be
     after_web=$(cpu_ticks "${pids[0]}") after_be=$(cpu_ticks "${pids[1]}")
     local after=$((after_web + after_be))
-    local requests rps
-    requests=$(awk '/requests in/ {print $1}' <<<"$out")
-    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
     local hz
     hz=$(getconf CLK_TCK)
     printf '%s %s %s %s %s\n' "$label" "$rps" \
