@@ -4,7 +4,8 @@
 //! long as a connection is open, so 1,000 idle keep-alive connections from the app cost about
 //! 15 MiB. Like nginx, which frees a keep-alive connection's buffers between requests, this loop
 //! serves each burst of requests with a fresh hyper connection and, once hyper is idle between
-//! requests for a moment ([`PARK_AFTER`]), takes the socket back
+//! requests for a moment ([`PARK_AFTER`]; longer for a connection that keeps coming back soon
+//! after it was parked, [`next_park_delay`]), takes the socket back
 //! ([`hyper::server::conn::http1::Parts`]) and drops the rest.
 //! A parked connection is a socket waiting to become readable. hyper has no setting for this,
 //! hence the hand-written loop.
@@ -59,13 +60,26 @@ struct Activity {
     reads: AtomicU64,
 }
 
-/// How long a connection must stay idle between requests before it is parked: long enough that
-/// a connection under load is not parked between its requests (each park and resume costs
+/// How long a new connection must stay idle between requests before it is parked: long enough
+/// that a connection under load is not parked between its requests (each park and resume costs
 /// hyper's two 8 KiB buffers, which glibc's allocator frees and allocates slowly), short enough
 /// that idle connections opened one after another reuse the same freed buffers.
 const PARK_AFTER: Duration = Duration::from_millis(10);
-/// The longest wait between checks of a busy connection.
+/// The longest wait between checks of a busy connection, and the longest park delay.
 const PARK_AFTER_MAX: Duration = Duration::from_secs(1);
+
+/// The park delay of a connection that was parked for `parked` and is resumed: one that comes
+/// back within [`PARK_AFTER_MAX`] is in use, at a rate slower than its delay, so it waits twice
+/// as long before the next park (a connection with a request every 40 ms stops parking after
+/// three sessions instead of paying a park and a resume per request); one that stayed parked
+/// longer starts again from [`PARK_AFTER`].
+fn next_park_delay(delay: Duration, parked: Duration) -> Duration {
+    if parked < PARK_AFTER_MAX {
+        (delay * 2).min(PARK_AFTER_MAX)
+    } else {
+        PARK_AFTER
+    }
+}
 
 /// Counts a request as in flight until its response body is dropped.
 struct InFlight(Arc<Activity>);
@@ -193,6 +207,9 @@ pub(super) async fn serve<H, F>(
     // One timer per connection: the park delay during a session, the idle timeout while parked.
     let mut timer = pin!(tokio::time::sleep(Duration::ZERO));
     let mut draining = false;
+    let mut park_delay = PARK_AFTER;
+    // When the connection was last parked; `None` during its first session.
+    let mut parked_at: Option<Instant> = None;
     let (mut tcp, mut prefix) = (tcp, prefix);
     loop {
         if prefix.is_empty() {
@@ -203,6 +220,9 @@ pub(super) async fn serve<H, F>(
                 readable = tcp.readable() => if readable.is_err() { return },
                 () = timer.as_mut() => return,
             }
+        }
+        if let Some(at) = parked_at {
+            park_delay = next_park_delay(park_delay, at.elapsed());
         }
         activity.parking.store(false, Relaxed);
         activity.answered.store(false, Relaxed);
@@ -218,6 +238,7 @@ pub(super) async fn serve<H, F>(
         );
         let session = Session {
             activity: &activity,
+            park_delay,
             stop: stop.as_mut(),
             timer: timer.as_mut(),
             draining: &mut draining,
@@ -228,6 +249,7 @@ pub(super) async fn serve<H, F>(
         let Some(parts) = conn.into_parts() else {
             return;
         };
+        parked_at = Some(Instant::now());
         (tcp, prefix) = parts.io.into_inner().io.into_parts(parts.read_buf);
         service = parts.service;
     }
@@ -236,6 +258,8 @@ pub(super) async fn serve<H, F>(
 /// A connection's state while hyper serves it.
 struct Session<'a, Stop> {
     activity: &'a Activity,
+    /// How long hyper must be idle before the connection parks.
+    park_delay: Duration,
     stop: Pin<&'a mut Stop>,
     timer: Pin<&'a mut Sleep>,
     draining: &'a mut bool,
@@ -243,7 +267,7 @@ struct Session<'a, Stop> {
 
 impl<Stop: Future<Output = ()>> Session<'_, Stop> {
     /// Polls hyper until the connection ends, or parks it once it has been idle between
-    /// requests for [`PARK_AFTER`]. A connection found busy each time the timer fires waits
+    /// requests for `park_delay`. A connection found busy each time the timer fires waits
     /// twice as long before the next check (up to [`PARK_AFTER_MAX`]), so busy connections cost
     /// about one timer a second, not one per request, and they never park mid-burst.
     async fn drive<S>(mut self, conn: &mut UpgradeableConnection<TokioIo<SessionIo>, S>) -> Ended
@@ -255,7 +279,7 @@ impl<Stop: Future<Output = ()>> Session<'_, Stop> {
         let mut closing = false;
         // The reads counted when the park timer was armed, and the delay it was armed with.
         let mut armed: Option<u64> = None;
-        let mut wait = PARK_AFTER;
+        let mut wait = self.park_delay;
         std::future::poll_fn(|cx| {
             if !*self.draining && self.stop.as_mut().poll(cx).is_ready() {
                 *self.draining = true;
@@ -304,5 +328,32 @@ impl<Stop: Future<Output = ()>> Session<'_, Stop> {
             }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_that_comes_back_soon_parks_later() {
+        let soon = Duration::from_millis(30);
+        let delays: Vec<_> =
+            std::iter::successors(Some(PARK_AFTER), |&d| Some(next_park_delay(d, soon)))
+                .take(9)
+                .collect();
+        assert_eq!(delays[1], Duration::from_millis(20));
+        assert_eq!(delays[2], Duration::from_millis(40));
+        assert_eq!(delays[8], PARK_AFTER_MAX);
+        assert_eq!(next_park_delay(PARK_AFTER_MAX, soon), PARK_AFTER_MAX);
+    }
+
+    #[test]
+    fn a_connection_parked_long_starts_over() {
+        assert_eq!(next_park_delay(PARK_AFTER_MAX, PARK_AFTER_MAX), PARK_AFTER);
+        assert_eq!(
+            next_park_delay(Duration::from_millis(80), Duration::from_secs(5)),
+            PARK_AFTER
+        );
     }
 }
