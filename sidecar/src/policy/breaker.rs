@@ -167,14 +167,22 @@ pub struct BreakerLayer {
     state: Arc<ServiceState>,
     policy: Arc<Policy>,
     deadline: Instant,
+    /// A gRPC request: its response's `grpc-status` counts too (see [`is_failure`]).
+    grpc: bool,
 }
 
 impl BreakerLayer {
-    pub fn new(state: Arc<ServiceState>, policy: Arc<Policy>, deadline: Instant) -> Self {
+    pub fn new(
+        state: Arc<ServiceState>,
+        policy: Arc<Policy>,
+        deadline: Instant,
+        grpc: bool,
+    ) -> Self {
         Self {
             state,
             policy,
             deadline,
+            grpc,
         }
     }
 }
@@ -269,7 +277,7 @@ where
             BreakerProj::Admitted { inner, guard } => {
                 let result = ready!(inner.poll(cx));
                 let outcome = match &result {
-                    Ok(response) => Some(!is_failure(response)),
+                    Ok(response) => Some(!is_failure(response, guard.layer.grpc)),
                     Err(PolicyError::Upstream {
                         failure: Failure::NoEndpoint,
                         ..

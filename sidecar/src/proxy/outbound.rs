@@ -209,7 +209,12 @@ fn call_stack(
             t.deadline,
             t.grpc,
         ))
-        .layer(BreakerLayer::new(state, t.policy.clone(), t.deadline))
+        .layer(BreakerLayer::new(
+            state,
+            t.policy.clone(),
+            t.deadline,
+            t.grpc,
+        ))
         .layer(TimeoutLayer::new(t.deadline, t.timeout))
         .service(Attempt {
             upstream: t.upstream,
@@ -346,7 +351,7 @@ impl Attempt {
             };
             match sent {
                 Ok(response) => {
-                    outcome.finish(!crate::policy::is_failure(&response));
+                    outcome.finish(!crate::policy::is_failure(&response, self.grpc));
                     let mut response = relay_response(response, client_upgrade);
                     if self.access_log {
                         response
