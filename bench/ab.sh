@@ -62,8 +62,8 @@ run_one() { # label bin env
     if [[ -n "${AB_RATE:-}" ]]; then
         out=$(taskset -c 1 "$LOADGEN" run --url "http://127.0.0.1:$P_WEB_OUT${AB_PATH:-/}" \
             --host backend --rate "$AB_RATE" -c "$CONNS" --duration "$SECS" --warmup 0 2>&1 >/dev/null)
-        requests=$(awk '{for (i = 1; i < NF; i++) if ($(i + 1) == "ok,") print $i}' <<<"$out")
-        rps=$(awk '{for (i = 1; i < NF; i++) if ($(i + 1) == "req/s;") print $i}' <<<"$out")
+        requests=$(loadgen_figure ok, <<<"$out")
+        rps=$(loadgen_figure "req/s;" <<<"$out")
     else
         out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${SECS}s" -H "Host: backend" "http://127.0.0.1:$P_WEB_OUT${AB_PATH:-/}")
         requests=$(awk '/requests in/ {print $1}' <<<"$out")

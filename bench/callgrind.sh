@@ -52,7 +52,7 @@ for pid in "$PID_web" "$PID_backend"; do callgrind_control -z "$pid" >/dev/null;
 SUMMARY="$(load "$REQUESTS")"
 echo "$SUMMARY"
 # Requests answered, which is fewer than REQUESTS when the rate is above what callgrind allows.
-DONE="$(awk '{for (i = 1; i < NF; i++) if ($(i + 1) == "ok,") print $i}' <<<"$SUMMARY")"
+DONE="$(loadgen_figure ok, <<<"$SUMMARY")"
 DONE="${DONE:-$REQUESTS}"
 for pid in "$PID_web" "$PID_backend"; do callgrind_control -d "$pid" >/dev/null; done
 sleep 1

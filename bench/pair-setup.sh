@@ -18,6 +18,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The number before WORD in loadgen's one-line summary on standard input ("8000 ok, 0 errors,
+# … 1520 req/s; …"): loadgen_figure ok, → requests answered; loadgen_figure req/s; → the rate.
+loadgen_figure() { # word
+    awk -v word="$1" '{for (i = 1; i < NF; i++) if ($(i + 1) == word) print $i}'
+}
+
 mkdir -p "$WORK/tmp"
 head -c 16384 /dev/zero | tr '\0' x >"$WORK/16k.bin"
 cat >"$WORK/nginx.conf" <<EOC
