@@ -14,7 +14,8 @@
 # One nginx backend (`return 200 "ok"`) and, per round and per build, a fresh caller+callee pair
 # with mTLS pinned to core 0 with nginx, wrk pinned to core 1, in the order A B A B ... For each
 # run: requests/s, CPU seconds of the pair per 10,000 requests (utime+stime from /proc), peak RSS
-# (VmHWM) of each sidecar; then the medians and the ratio B/A.
+# (VmHWM) of each sidecar, and wrk's errors (non-2xx/3xx answers, socket errors); then the medians
+# and the ratio B/A.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -58,7 +59,7 @@ run_one() { # label bin env
     local before_web before_be
     before_web=$(cpu_ticks "${pids[0]}") before_be=$(cpu_ticks "${pids[1]}")
     local before=$((before_web + before_be))
-    local out requests rps
+    local out requests rps errors=0
     if [[ -n "${AB_RATE:-}" ]]; then
         out=$(taskset -c 1 "$LOADGEN" run --url "http://127.0.0.1:$P_WEB_OUT${AB_PATH:-/}" \
             --host backend --rate "$AB_RATE" -c "$CONNS" --duration "$SECS" --warmup 0 2>&1 >/dev/null)
@@ -68,15 +69,17 @@ run_one() { # label bin env
         out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${SECS}s" -H "Host: backend" "http://127.0.0.1:$P_WEB_OUT${AB_PATH:-/}")
         requests=$(awk '/requests in/ {print $1}' <<<"$out")
         rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+        # Answers other than 2xx/3xx, and socket errors (connect, read, write, timeout).
+        errors=$(awk '/Non-2xx/ {n += $NF} /Socket errors/ {gsub(",", ""); n += $4 + $6 + $8 + $10} END {print n + 0}' <<<"$out")
     fi
     local after_web after_be
     after_web=$(cpu_ticks "${pids[0]}") after_be=$(cpu_ticks "${pids[1]}")
     local after=$((after_web + after_be))
     local hz
     hz=$(getconf CLK_TCK)
-    printf '%s %s %s %s %s\n' "$label" "$rps" \
+    printf '%s %s %s %s %s %s\n' "$label" "$rps" \
         "$(python3 -c "print(f'{($after - $before) / $hz / $requests * 10000:.3f}')")" \
-        "$(hwm_kib "${pids[0]}")" "$(hwm_kib "${pids[1]}")" >>"$WORK/results"
+        "$(hwm_kib "${pids[0]}")" "$(hwm_kib "${pids[1]}")" "$errors" >>"$WORK/results"
     # Where the memory is: anonymous (heap, stacks) vs file pages (the binary's code and data),
     # and which side spends the CPU.
     local cpu_side=("$((after_web - before_web))" "$((after_be - before_be))")
@@ -102,10 +105,11 @@ med = {}
 for label in "AB":
     runs = [r for r in rows if r[0] == label]
     med[label] = [statistics.median(float(r[i]) for r in runs) for i in range(1, 5)]
-print(f"\nmedians of {len(rows) // 2} rounds   req/s   CPU s/10k req (pair)   peak RSS caller / callee (MiB)")
+errors = {label: sum(int(r[5]) for r in rows if r[0] == label and len(r) > 5) for label in "AB"}
+print(f"\nmedians of {len(rows) // 2} rounds   req/s   CPU s/10k req (pair)   peak RSS caller / callee (MiB)   errors (all rounds)")
 for label in "AB":
     rps, cpu, web, be = med[label]
-    print(f"  {label}  {rps:>18.0f}   {cpu:>21.3f}   {web / 1024:>10.1f} / {be / 1024:.1f}")
+    print(f"  {label}  {rps:>18.0f}   {cpu:>21.3f}   {web / 1024:>10.1f} / {be / 1024:<10.1f}   {errors[label]}")
 a, b = med["A"], med["B"]
 print(f"  B/A {b[0] / a[0]:>16.3f}   {b[1] / a[1]:>21.3f}   {b[2] / a[2]:>10.3f} / {b[3] / a[3]:.3f}")
 PY

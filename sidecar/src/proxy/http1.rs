@@ -20,6 +20,7 @@
 //!   advances only as the response body is read, that is, as fast as the client takes the
 //!   response: the backpressure HTTP/2's flow control already puts on the stream.
 
+use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -33,12 +34,185 @@ use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use tokio::sync::oneshot;
 
 use super::http::{Body, BoxError, boxed};
 use super::pool::{Io, UPSTREAM_READ_BUFFER};
 
-/// Idle connections to one endpoint, most recently used last.
-pub(super) type Idle = Arc<Mutex<Vec<Connection>>>;
+/// One endpoint's HTTP/1.1 connections that no request carries: the idle ones, how many are
+/// open in all, and the requests waiting for one because the endpoint's limit is reached.
+///
+/// The limit is the answer to a burst: a callee holding 1,024 requests open would otherwise
+/// dial 1,024 connections to its app, each with its own buffers in both processes, and the
+/// app serves them all. Requests past the limit queue, first come first served, and each
+/// connection that comes back (or closes) goes to the longest waiter; a queued request still
+/// ends at its deadline, like Envoy's `max_connections` with `max_pending_requests` (which
+/// answers 503 when its queue is full instead).
+pub(super) struct Pool {
+    state: Mutex<State>,
+    /// Open connections past which a request queues, or (when it may not) is told `Full`.
+    /// Connections dialed past it by requests that waited too long ([`Pool::place_past_limit`])
+    /// are pooled like the others, and closed by the sweep once idle.
+    limit: usize,
+    /// Connections open or being dialed, wherever they are: idle here, carried by a request, or
+    /// dropped half-way by a deadline ([`Counted`]).
+    open: AtomicUsize,
+    /// `state.waiting.len()`, read without the lock when a connection closes.
+    waiting: AtomicUsize,
+}
+
+#[derive(Default)]
+struct State {
+    /// Most recently used last.
+    idle: Vec<Connection>,
+    /// Requests waiting for a connection, oldest first.
+    waiting: VecDeque<oneshot::Sender<Handoff>>,
+    /// Exchanges ended so far (wrapping): a waiting request tells by it whether connections are
+    /// coming back at all.
+    released: usize,
+}
+
+/// What a waiting request is handed.
+pub(super) enum Handoff {
+    /// A connection that finished an exchange.
+    Idle(Connection),
+    /// The place of one that closed: dial a new one.
+    Dial(Counted),
+}
+
+/// What [`Pool::take`] finds.
+pub(super) enum Taken {
+    Idle(Connection),
+    /// Fewer than the limit are open: dial one, counted from now on.
+    Dial(Counted),
+    /// The limit is reached and the caller did not want to queue.
+    Full,
+    /// The limit is reached: the request is queued, when [`Pool::released`] was at this count.
+    Queued(oneshot::Receiver<Handoff>, usize),
+}
+
+/// Idle connections kept per endpoint, at most, whatever the limit: the most a burst that
+/// dialed past the limit leaves open until the next sweep.
+const MAX_IDLE: usize = 1024;
+
+impl Pool {
+    pub(super) fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::default(),
+            limit,
+            open: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The most recently used idle connection; else, below the limit, a place to dial one; else
+    /// a place in the queue when `queue`, or `Full`.
+    pub(super) fn take(self: &Arc<Self>, queue: bool) -> Taken {
+        let mut state = self.lock();
+        if let Some(connection) = state.idle.pop() {
+            return Taken::Idle(connection);
+        }
+        if self.open.load(Ordering::Relaxed) < self.limit {
+            return Taken::Dial(Counted::start(self));
+        }
+        if !queue {
+            return Taken::Full;
+        }
+        let (handoff, receive) = oneshot::channel();
+        state.waiting.push_back(handoff);
+        self.waiting.store(state.waiting.len(), Ordering::SeqCst);
+        Taken::Queued(receive, state.released)
+    }
+
+    /// How many exchanges have ended so far (wrapping).
+    pub(super) fn released(&self) -> usize {
+        self.lock().released
+    }
+
+    /// A place to dial a connection past the limit, for a request that waited too long
+    /// ([`super::pool`]).
+    pub(super) fn place_past_limit(self: &Arc<Self>) -> Counted {
+        Counted::start(self)
+    }
+
+    /// A connection whose exchange ended: to the longest waiting request, else back into the
+    /// idle ones unless [`MAX_IDLE`] already are.
+    fn release(&self, connection: Connection) {
+        let mut state = self.lock();
+        state.released = state.released.wrapping_add(1);
+        let unclaimed = if state.waiting.is_empty() {
+            Some(connection)
+        } else {
+            let mut connection = connection;
+            let unclaimed = loop {
+                let Some(waiter) = state.waiting.pop_front() else {
+                    break Some(connection);
+                };
+                match waiter.send(Handoff::Idle(connection)) {
+                    Ok(()) => break None,
+                    // That request is gone (its deadline passed): the next one.
+                    Err(back) => match back.disarm() {
+                        Some(back) => connection = back,
+                        None => break None,
+                    },
+                }
+            };
+            self.waiting.store(state.waiting.len(), Ordering::SeqCst);
+            unclaimed
+        };
+        let extra = match unclaimed {
+            Some(connection) if state.idle.len() < MAX_IDLE => {
+                state.idle.push(connection);
+                None
+            }
+            other => other,
+        };
+        // A connection is dropped only after the lock is released: its `Counted` takes it.
+        drop(state);
+        drop(extra);
+    }
+
+    /// One place of `open` is free: to the longest waiting request, to dial, else uncounted.
+    fn free(self: &Arc<Self>) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            let mut state = self.lock();
+            while let Some(waiter) = state.waiting.pop_front() {
+                self.waiting.store(state.waiting.len(), Ordering::SeqCst);
+                let place = Counted {
+                    pool: Some(Arc::downgrade(self)),
+                };
+                if let Err(back) = waiter.send(Handoff::Dial(place)) {
+                    // A `Dial` comes back: disarmed, its drop frees nothing (under the lock).
+                    let _place = back.disarm();
+                } else {
+                    return;
+                }
+            }
+        }
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Handoff {
+    /// What a request that is gone did not take: its connection, or nothing (the place to dial
+    /// is disarmed, so dropping it frees nothing, since the sender still holds it).
+    fn disarm(self) -> Option<Connection> {
+        match self {
+            Handoff::Idle(connection) => Some(connection),
+            Handoff::Dial(mut place) => {
+                place.pool = None;
+                None
+            }
+        }
+    }
+}
+
+/// Idle connections to one endpoint, and its queue ([`Pool`]).
+pub(super) type Idle = Arc<Pool>;
 
 /// How often a pool's idle connections are checked for a close by their peer.
 pub(super) const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -62,16 +236,35 @@ pub(super) fn spawn_sweeper(idle: &Idle) {
 }
 
 /// Closes the idle connections whose peer has closed them (an app's keep-alive timeout, a
-/// restart). No request polls an idle connection, so without this one that is not taken again
-/// would keep its socket (in `CLOSE_WAIT`) and its buffers for good. Each is polled once with a
-/// no-op waker: a peer's close makes the socket readable, hyper reads the end of the stream and
-/// its driver ends. Under the lock, so that a request arriving meanwhile waits for the sweep
-/// instead of finding the pool empty and dialing.
+/// restart), then the least recently used idle ones while more than the limit are open (those a
+/// burst dialed past it). No request polls an idle connection, so without this one that is not
+/// taken again would keep its socket (in `CLOSE_WAIT`) and its buffers for good. Each is polled
+/// once with a no-op waker: a peer's close makes the socket readable, hyper reads the end of the
+/// stream and its driver ends. Under the lock, so that a request arriving meanwhile waits for
+/// the sweep instead of finding the pool empty and dialing; the closed ones are dropped after
+/// it, since dropping one may hand its place to a waiting request ([`Pool::free`]).
 pub(super) fn sweep(idle: &Idle) {
     let mut quiet = Context::from_waker(Waker::noop());
-    idle.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .retain_mut(|connection| connection.poll_open(&mut quiet));
+    let closed: Vec<Connection> = {
+        let mut state = idle.lock();
+        let (mut kept, mut closed) = (Vec::with_capacity(state.idle.len()), Vec::new());
+        for mut connection in state.idle.drain(..) {
+            if connection.poll_open(&mut quiet) {
+                kept.push(connection);
+            } else {
+                closed.push(connection);
+            }
+        }
+        let open = idle
+            .open
+            .load(Ordering::Relaxed)
+            .saturating_sub(closed.len());
+        let past_limit = open.saturating_sub(idle.limit).min(kept.len());
+        closed.extend(kept.drain(..past_limit));
+        state.idle = kept;
+        closed
+    };
+    drop(closed);
 }
 
 /// One HTTP/1.1 connection: hyper's handle to send on, and the future that does its I/O.
@@ -87,19 +280,27 @@ pub(super) struct Connection {
 type Driver = http1::Connection<TokioIo<Io>, Body>;
 
 /// Counts a connection (or its dial) in an endpoint's open connections for as long as it lives,
-/// wherever it is: in the pool, carried by a request, or dropped half-way by a deadline.
-pub(super) struct Counted(Arc<AtomicUsize>);
+/// wherever it is: in the pool, carried by a request, or dropped half-way by a deadline. Its
+/// drop frees the place ([`Pool::free`]).
+pub(super) struct Counted {
+    /// `None` once disarmed; weak, since the pool holds connections, which hold this.
+    pool: Option<std::sync::Weak<Pool>>,
+}
 
 impl Counted {
-    pub(super) fn start(count: &Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::Relaxed);
-        Self(count.clone())
+    fn start(pool: &Arc<Pool>) -> Self {
+        pool.open.fetch_add(1, Ordering::Relaxed);
+        Self {
+            pool: Some(Arc::downgrade(pool)),
+        }
     }
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        if let Some(pool) = self.pool.take().and_then(|pool| pool.upgrade()) {
+            pool.free();
+        }
     }
 }
 
@@ -143,13 +344,12 @@ impl Connection {
     }
 
     /// Sends `req` and waits for the response head. The response's body carries the connection
-    /// on, and gives it back to `idle` (if it holds fewer than `cap`) once read to its end.
+    /// on, and gives it back to `idle` once read to its end.
     #[allow(clippy::manual_async_fn)] // Not `async fn`: see "Futures" in `proxy`.
     pub(super) fn exchange(
         self,
         req: Request<Body>,
         idle: &Idle,
-        cap: usize,
     ) -> impl Future<Output = Result<Response<Body>, Failed>> + Send + '_ {
         async move {
             let ready = self.sender.is_ready();
@@ -186,7 +386,7 @@ impl Connection {
             };
             match response {
                 Ok(response) => {
-                    Ok(response.map(|body| ResponseBody::carry(body, connection, idle, cap)))
+                    Ok(response.map(|body| ResponseBody::carry(body, connection, idle)))
                 }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => Err(Failed::Unsent(Box::new(unsent))),
@@ -202,12 +402,9 @@ impl Connection {
         Pin::new(self.driver.as_mut()).poll(cx).is_pending()
     }
 
-    /// Back into `idle`, unless it already holds `cap` connections.
-    fn release(self, idle: &Idle, cap: usize) {
-        let mut idle = idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < cap {
-            idle.push(self);
-        }
+    /// Back to `idle`: to a waiting request, or idle.
+    fn release(self, idle: &Idle) {
+        idle.release(self);
     }
 }
 
@@ -217,22 +414,22 @@ impl Connection {
 struct ResponseBody {
     body: Incoming,
     /// Until the end of the body is read: the connection, and the pool it goes back to.
-    connection: Option<(Connection, Idle, usize)>,
+    connection: Option<(Connection, Idle)>,
 }
 
 impl ResponseBody {
     /// The response's body, boxed: as it is when it is already complete (no body, or the
     /// connection ended with it), else wrapped to drive `connection` until it is.
-    fn carry(body: Incoming, connection: Option<Connection>, idle: &Idle, cap: usize) -> Body {
+    fn carry(body: Incoming, connection: Option<Connection>, idle: &Idle) -> Body {
         match connection {
             None => boxed(body),
             Some(connection) if body.is_end_stream() => {
-                connection.release(idle, cap);
+                connection.release(idle);
                 boxed(body)
             }
             Some(connection) => boxed(ResponseBody {
                 body,
-                connection: Some((connection, idle.clone(), cap)),
+                connection: Some((connection, idle.clone())),
             }),
         }
     }
@@ -290,8 +487,8 @@ impl http_body::Body for ResponseBody {
 
 impl ResponseBody {
     fn finish(&mut self) {
-        if let Some((connection, idle, cap)) = self.connection.take() {
-            connection.release(&idle, cap);
+        if let Some((connection, idle)) = self.connection.take() {
+            connection.release(&idle);
         }
     }
 }
@@ -331,9 +528,9 @@ mod tests {
         (addr, accepted)
     }
 
-    async fn connect(addr: std::net::SocketAddr, open: &Arc<AtomicUsize>) -> Connection {
+    async fn connect(addr: std::net::SocketAddr, idle: &Idle) -> Connection {
         let tcp = TcpStream::connect(addr).await.expect("connect");
-        Connection::handshake(Io::Plain(tcp), Counted::start(open))
+        Connection::handshake(Io::Plain(tcp), Counted::start(idle))
             .await
             .expect("handshake")
     }
@@ -346,7 +543,7 @@ mod tests {
     }
 
     async fn exchange(connection: Connection, idle: &Idle, n: usize) {
-        let response = match connection.exchange(get(n), idle, 4).await {
+        let response = match connection.exchange(get(n), idle).await {
             Ok(response) => response,
             Err(Failed::Unsent(_)) => panic!("unsent"),
             Err(Failed::Exchange(e)) => panic!("exchange: {e}"),
@@ -368,30 +565,29 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn one_connection_serves_requests_in_turn_and_goes_back_to_the_pool() {
         let (addr, accepted) = app(true).await;
-        let open = Arc::new(AtomicUsize::new(0));
-        let idle = Idle::default();
-        exchange(connect(addr, &open).await, &idle, 2).await;
+        let idle = Pool::new(4);
+        exchange(connect(addr, &idle).await, &idle, 2).await;
         for n in [0, 2, 100_000, 5] {
-            let connection = idle.lock().expect("lock").pop().expect("pooled");
+            let connection = idle.lock().idle.pop().expect("pooled");
             exchange(connection, &idle, n).await;
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
-        assert_eq!(open.load(Ordering::SeqCst), 1);
-        idle.lock().expect("lock").clear();
-        assert_eq!(open.load(Ordering::SeqCst), 0);
+        assert_eq!(idle.open.load(Ordering::SeqCst), 1);
+        let pooled = std::mem::take(&mut idle.lock().idle);
+        drop(pooled);
+        assert_eq!(idle.open.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test(flavor = "multi_thread")]
     async fn a_connection_the_app_closes_is_not_pooled() {
         let (addr, accepted) = app(false).await;
-        let open = Arc::new(AtomicUsize::new(0));
-        let idle = Idle::default();
+        let idle = Pool::new(4);
         for n in [2, 100_000] {
-            exchange(connect(addr, &open).await, &idle, n).await;
-            assert!(idle.lock().expect("lock").is_empty());
+            exchange(connect(addr, &idle).await, &idle, n).await;
+            assert!(idle.lock().idle.is_empty());
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
-        assert_eq!(open.load(Ordering::SeqCst), 0);
+        assert_eq!(idle.open.load(Ordering::SeqCst), 0);
     }
 
     /// An app that answers one request, then closes the idle connection a little later (as a
@@ -410,17 +606,13 @@ mod tests {
                 .expect("answer");
             tokio::time::sleep(Duration::from_millis(100)).await;
         });
-        let open = Arc::new(AtomicUsize::new(0));
-        let idle = Idle::default();
-        exchange(connect(addr, &open).await, &idle, 2).await;
+        let idle = Pool::new(4);
+        exchange(connect(addr, &idle).await, &idle, 2).await;
         sweep(&idle);
-        assert_eq!(idle.lock().expect("lock").len(), 1, "still open: kept");
+        assert_eq!(idle.lock().idle.len(), 1, "still open: kept");
         tokio::time::sleep(Duration::from_millis(300)).await;
         sweep(&idle);
-        assert!(
-            idle.lock().expect("lock").is_empty(),
-            "closed by the app: dropped"
-        );
-        assert_eq!(open.load(Ordering::SeqCst), 0);
+        assert!(idle.lock().idle.is_empty(), "closed by the app: dropped");
+        assert_eq!(idle.open.load(Ordering::SeqCst), 0);
     }
 }

@@ -11,7 +11,6 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -212,13 +211,6 @@ pub async fn dial(
 /// default, like HAProxy's ~15 KiB; nginx takes 4–8 KiB).
 pub(super) const UPSTREAM_READ_BUFFER: usize = 20 * 1024;
 
-/// Most HTTP/1.1 connections kept per endpoint: as many as the requests one inbound HTTP/2
-/// connection may have in flight ([`super::http2::server::MAX_CONCURRENT_STREAMS`]), so that every
-/// request of a full burst can hand its app connection back. With 512, a caller holding 1,024
-/// requests open made the callee dial and close the app connection of every request past the
-/// 512th: 10,500 connections in 5 s under `wrk -c1024`; with 1,024, none (docs/performance.md).
-const MAX_H1_CONNECTIONS: usize = super::http2::server::MAX_CONCURRENT_STREAMS as usize;
-
 /// HTTP/1.1 connections to another sidecar, at most, per endpoint; HTTP/1.x requests beyond
 /// them ride the one multiplexed HTTP/2 connection (marked with their version). The default,
 /// 0, sends every request over HTTP/2. Measured both ways (docs/performance.md): HTTP/1.1
@@ -230,6 +222,58 @@ const MAX_H1_CONNECTIONS: usize = super::http2::server::MAX_CONCURRENT_STREAMS a
 /// (there HTTP/1.1 gave 0.76× the requests/s at 1.39× the CPU per request). The cap also bounds
 /// the mTLS handshakes a burst of concurrent requests can cause.
 const MESH_H1_CONNECTIONS: usize = 0;
+
+/// How many HTTP/1.1 connections a plain endpoint (the app, or an upstream outside the mesh)
+/// gets, and how requests past them wait ([`http1::Pool`]).
+#[derive(Clone, Copy)]
+struct AppLimit {
+    /// Connections past which a request first waits for one to come back. Without a limit, a
+    /// callee holding 1,024 requests open dialed 1,024 connections to its app, each with
+    /// buffers in both processes: with 64, `bench/ab.sh` at 1,024 client connections measured
+    /// the callee's peak RSS at 11.8 MiB instead of 39.2 and the pair's CPU per request at
+    /// 0.85× (docs/performance.md).
+    connections: usize,
+    /// How long a queued request waits while no connection comes back before it dials one of
+    /// its own past the limit, which the pool keeps until its sweep finds it idle
+    /// ([`http1::sweep`]).
+    /// While connections come back, the app is keeping up and the queue is the sidecar's own
+    /// backlog (a saturated core), which more connections would not shorten. When none comes
+    /// back, all are held by slow exchanges (long polls, slow queries), and the app is not
+    /// held to the limit. A plain 20 ms wait, not asking whether connections came back, let
+    /// the callee grow to 21 MiB under the load above.
+    stalled: Duration,
+    /// How long a queued request waits at most, connections coming back or not: a bound for
+    /// the case between the two, where a few connections cycle quickly and the rest are held
+    /// by long polls.
+    at_most: Duration,
+}
+
+impl AppLimit {
+    const DEFAULT: Self = Self {
+        connections: 64,
+        stalled: Duration::from_millis(20),
+        at_most: Duration::from_millis(200),
+    };
+
+    /// The default, or `OUTRIDER_APP_CONNECTIONS`, `OUTRIDER_APP_STALLED_MS` and
+    /// `OUTRIDER_APP_QUEUE_MS` when set, read once: tuning knobs for measuring
+    /// (`ENV_B=OUTRIDER_APP_CONNECTIONS=128 bench/ab.sh BIN BIN 4 4 1024`).
+    fn get() -> Self {
+        static LIMIT: std::sync::OnceLock<AppLimit> = std::sync::OnceLock::new();
+        *LIMIT.get_or_init(|| {
+            let number = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+            let ms =
+                |name: &str, default: Duration| number(name).map_or(default, Duration::from_millis);
+            Self {
+                connections: number("OUTRIDER_APP_CONNECTIONS")
+                    .filter(|&limit| limit > 0)
+                    .map_or(Self::DEFAULT.connections, |limit| limit as usize),
+                stalled: ms("OUTRIDER_APP_STALLED_MS", Self::DEFAULT.stalled),
+                at_most: ms("OUTRIDER_APP_QUEUE_MS", Self::DEFAULT.at_most),
+            }
+        })
+    }
+}
 
 /// `MESH_H1_CONNECTIONS`, or `OUTRIDER_MESH_H1_CONNECTIONS` when set, read once: a tuning
 /// knob for machines where system calls are cheap (bare metal); compare both settings with
@@ -248,14 +292,14 @@ fn mesh_h1_connections() -> usize {
 pub struct EndpointPool {
     pub addr: SocketAddr,
     transport: Transport,
-    /// Idle HTTP/1.1 connections; one in use is carried by its request ([`http1`]).
+    /// HTTP/1.1 connections: the idle ones, and the requests queued for one ([`http1::Pool`]);
+    /// one in use is carried by its request.
     h1: http1::Idle,
-    /// HTTP/1.1 connections open or being dialed, wherever they are (they count against
-    /// `MESH_H1_CONNECTIONS`).
-    h1_open: Arc<AtomicUsize>,
     /// Starts the sweep of closed idle connections with the first HTTP/1.1 connection
     /// ([`http1::spawn_sweeper`]): pools that only ever use HTTP/2 need none.
     h1_sweeper: std::sync::Once,
+    /// HTTP/1.1 connections to a plain endpoint (the app), and how requests past them wait.
+    app_limit: AppLimit,
     /// The multiplexed connection, when one is open (a plain mutex: held only to clone).
     h2: Mutex<Option<http2::client::Connection>>,
     /// Serializes dialing the HTTP/2 connection, so concurrent first requests share one.
@@ -264,15 +308,33 @@ pub struct EndpointPool {
 
 impl EndpointPool {
     pub fn new(addr: SocketAddr, transport: Transport) -> Self {
+        let app_limit = AppLimit::get();
+        let h1_limit = match transport {
+            Transport::Mesh { .. } => mesh_h1_connections(),
+            Transport::Plain => app_limit.connections,
+        };
         Self {
             addr,
             transport,
-            h1: http1::Idle::default(),
-            h1_open: Arc::default(),
+            h1: http1::Pool::new(h1_limit),
             h1_sweeper: std::sync::Once::new(),
+            app_limit,
             h2: Mutex::new(None),
             h2_dialing: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// The same pool with another limit of HTTP/1.1 connections to a plain endpoint, and
+    /// other waits in its queue.
+    #[cfg(test)]
+    fn with_app_limit(mut self, connections: usize, stalled: Duration, at_most: Duration) -> Self {
+        self.app_limit = AppLimit {
+            connections,
+            stalled,
+            at_most,
+        };
+        self.h1 = http1::Pool::new(connections);
+        self
     }
 
     /// Sends a request over HTTP/1.1 (pooled) or HTTP/2 (multiplexed), as `req.version()` says.
@@ -306,45 +368,93 @@ impl EndpointPool {
     ) -> impl Future<Output = Result<Response<Body>, SendError>> + Send + '_ {
         async move {
             origin_form(&mut req);
+            // To another sidecar, past `mesh_h1_connections` the request rides HTTP/2; to the
+            // app, past `AppLimit::connections` it waits for a connection to come back.
+            let queue = match self.transport {
+                Transport::Mesh { .. } => None,
+                Transport::Plain => Some(self.app_limit),
+            };
             // An idle connection may have been closed by the peer: then hyper hands the request
-            // back unsent and it goes out on another one, or a fresh one.
-            for _ in 0..2 {
-                let taken = self.h1.lock().unwrap_or_else(|p| p.into_inner()).pop();
-                let Some(connection) = taken else {
-                    break;
+            // back unsent and it goes out on another one, or a fresh one. Each turn uses up an
+            // idle connection or ends, so the loop ends.
+            loop {
+                let connection = match self.h1.take(queue.is_some()) {
+                    http1::Taken::Idle(connection) => connection,
+                    // Boxed: dialing is rare, and its large future would otherwise be part of
+                    // every request's future.
+                    http1::Taken::Dial(place) => {
+                        return Box::pin(self.send_h1_new(req, place, connect_timeout)).await;
+                    }
+                    // Boxed: rare, and nesting the HTTP/2 future would enlarge every request's.
+                    http1::Taken::Full => {
+                        return Box::pin(self.send_h2(h1_to_h2(req), connect_timeout)).await;
+                    }
+                    http1::Taken::Queued(handoff, released) => {
+                        let wait = queue.unwrap_or(AppLimit::DEFAULT);
+                        match Box::pin(self.queued(handoff, released, wait)).await {
+                            Some(http1::Handoff::Idle(connection)) => connection,
+                            Some(http1::Handoff::Dial(place)) => {
+                                return Box::pin(self.send_h1_new(req, place, connect_timeout))
+                                    .await;
+                            }
+                            // The pool is gone (its endpoint left the service) with the request
+                            // in its queue: it never reached the app.
+                            None => return Err(ConnectError::Closed(self.addr).into()),
+                        }
+                    }
                 };
-                match connection.exchange(req, &self.h1, MAX_H1_CONNECTIONS).await {
+                match connection.exchange(req, &self.h1).await {
                     Ok(response) => return Ok(response),
                     Err(http1::Failed::Unsent(unsent)) => req = *unsent,
                     Err(http1::Failed::Exchange(e)) => return Err(SendError::Http(self.addr, e)),
                 }
             }
-            let cap = match self.transport {
-                Transport::Mesh { .. } => mesh_h1_connections(),
-                Transport::Plain => usize::MAX,
-            };
-            if self.h1_open.load(Ordering::Relaxed) >= cap {
-                // Boxed: rare, and nesting the HTTP/2 future would enlarge every request's.
-                return Box::pin(self.send_h2(h1_to_h2(req), connect_timeout)).await;
-            }
-            // Boxed: dialing is rare, and its large future would otherwise be part of every
-            // request's future.
-            Box::pin(self.send_h1_new(req, connect_timeout)).await
         }
+    }
+
+    /// Waits for a connection to come back (or for the place of one that closed), for as long
+    /// as others come back at least once every `wait.stalled`, and `wait.at_most` in all; past
+    /// that, a place to dial one past the limit ([`AppLimit`]). `None` if the pool went away.
+    /// `released` is the pool's count of ended exchanges when the request was queued.
+    async fn queued(
+        &self,
+        mut handoff: tokio::sync::oneshot::Receiver<http1::Handoff>,
+        mut released: usize,
+        wait: AppLimit,
+    ) -> Option<http1::Handoff> {
+        let give_up = tokio::time::Instant::now() + wait.at_most;
+        loop {
+            let until = give_up.min(tokio::time::Instant::now() + wait.stalled);
+            if let Ok(handed) = tokio::time::timeout_at(until, &mut handoff).await {
+                return handed.ok();
+            }
+            let now = self.h1.released();
+            if now == released || until >= give_up {
+                break;
+            }
+            released = now;
+        }
+        // Closed first, so that nothing is handed to it from now on; what already was is taken.
+        handoff.close();
+        Some(
+            handoff
+                .try_recv()
+                .unwrap_or_else(|_| http1::Handoff::Dial(self.h1.place_past_limit())),
+        )
     }
 
     async fn send_h1_new(
         &self,
         req: Request<Body>,
+        open: http1::Counted,
         connect_timeout: Duration,
     ) -> Result<Response<Body>, SendError> {
         self.h1_sweeper.call_once(|| http1::spawn_sweeper(&self.h1));
-        let open = http1::Counted::start(&self.h1_open);
         let io = dial(&self.transport, self.addr, Alpn::Http1, connect_timeout).await?;
         let connection = http1::Connection::handshake(io, open)
             .await
             .map_err(|e| ConnectError::Http(self.addr, e))?;
-        match connection.exchange(req, &self.h1, MAX_H1_CONNECTIONS).await {
+        match connection.exchange(req, &self.h1).await {
             Ok(response) => Ok(response),
             Err(http1::Failed::Exchange(e)) => Err(SendError::Http(self.addr, e)),
             // A fresh connection takes its first request unless it has already failed.
@@ -435,5 +545,165 @@ impl EndpointPool {
                 .await
                 .map_err(|e| SendError::H2(self.addr, e))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Instant;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty, Full};
+    use hyper::body::Incoming;
+    use hyper_util::rt::TokioIo;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// Connections an app has accepted, and how many are open now.
+    #[derive(Default)]
+    struct Accepted {
+        total: AtomicUsize,
+        open: AtomicUsize,
+    }
+
+    /// A hyper HTTP/1.1 app on loopback that answers every request after `delay`.
+    async fn app(delay: Duration) -> (SocketAddr, Arc<Accepted>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(Accepted::default());
+        let counts = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                counts.total.fetch_add(1, Ordering::SeqCst);
+                counts.open.fetch_add(1, Ordering::SeqCst);
+                let counts = counts.clone();
+                let service = hyper::service::service_fn(move |_: Request<Incoming>| async move {
+                    tokio::time::sleep(delay).await;
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                    counts.open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// Sends `n` GET requests at once through `pool`; each must be answered `ok` in full.
+    async fn burst(pool: &Arc<EndpointPool>, n: usize) {
+        let sends = (0..n).map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let req = Request::get("http://app/")
+                    .body(boxed(Empty::<Bytes>::new()))
+                    .expect("request");
+                let response = pool
+                    .send(req, Duration::from_secs(1))
+                    .await
+                    .expect("answered");
+                assert_eq!(response.status(), http::StatusCode::OK);
+                let body = response.into_body().collect().await.expect("body");
+                assert_eq!(body.to_bytes(), "ok");
+            })
+        });
+        for send in sends.collect::<Vec<_>>() {
+            send.await.expect("send task");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_past_the_limit_wait_for_a_connection_to_come_back() {
+        let (addr, accepted) = app(Duration::from_millis(10)).await;
+        let pool = Arc::new(EndpointPool::new(addr, Transport::Plain).with_app_limit(
+            2,
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        ));
+        burst(&pool, 40).await;
+        assert_eq!(
+            accepted.total.load(Ordering::SeqCst),
+            2,
+            "two connections served all"
+        );
+        burst(&pool, 40).await;
+        assert_eq!(accepted.total.load(Ordering::SeqCst), 2, "and were kept");
+    }
+
+    /// Six requests to an app that takes 400 ms over a limit of two connections, queued for
+    /// `stalled` while none comes back and `at_most` in all.
+    async fn slow_app_burst(stalled: Duration, at_most: Duration) {
+        let (addr, accepted) = app(Duration::from_millis(400)).await;
+        let pool =
+            Arc::new(EndpointPool::new(addr, Transport::Plain).with_app_limit(2, stalled, at_most));
+        let started = Instant::now();
+        burst(&pool, 6).await;
+        // Held to two at a time, six would take three turns (1.2 s); past the wait, each
+        // queued request dials its own.
+        assert!(
+            started.elapsed() < Duration::from_millis(900),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(accepted.total.load(Ordering::SeqCst), 6);
+        // The four past the limit stay pooled until the sweep finds them idle.
+        assert_eq!(accepted.open.load(Ordering::SeqCst), 6);
+        http1::sweep(&pool.h1);
+        let closing = Instant::now();
+        while accepted.open.load(Ordering::SeqCst) > 2 && closing.elapsed() < Duration::from_secs(2)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            accepted.open.load(Ordering::SeqCst),
+            2,
+            "the sweep closed the four"
+        );
+        burst(&pool, 2).await;
+        assert_eq!(accepted.total.load(Ordering::SeqCst), 6, "and kept two");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_app_gets_connections_past_the_limit_until_the_sweep() {
+        slow_app_burst(Duration::from_millis(50), Duration::from_secs(10)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_request_waits_longer_than_the_queue_bound() {
+        slow_app_burst(Duration::from_secs(10), Duration::from_millis(50)).await;
+    }
+
+    /// A request that waits in the queue past its deadline is dropped there; the connection
+    /// that comes back afterwards goes to the next request instead of being lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_is_not_lost_to_a_request_that_gave_up_waiting() {
+        let (addr, accepted) = app(Duration::from_millis(200)).await;
+        let pool = Arc::new(EndpointPool::new(addr, Transport::Plain).with_app_limit(
+            1,
+            Duration::from_secs(10),
+            Duration::from_secs(10),
+        ));
+        let first = {
+            let pool = pool.clone();
+            tokio::spawn(async move { burst(&pool, 1).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let req = Request::get("http://app/")
+            .body(boxed(Empty::<Bytes>::new()))
+            .expect("request");
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(50),
+            pool.send(req, Duration::from_secs(1)),
+        )
+        .await;
+        assert!(gave_up.is_err(), "queued behind the first request");
+        first.await.expect("first");
+        burst(&pool, 3).await;
+        assert_eq!(accepted.total.load(Ordering::SeqCst), 1);
     }
 }
