@@ -57,8 +57,6 @@ pub(super) struct Pool {
     /// Connections open or being dialed, wherever they are: idle here, carried by a request, or
     /// dropped half-way by a deadline ([`Counted`]).
     open: AtomicUsize,
-    /// `state.waiting.len()`, read without the lock when a connection closes.
-    waiting: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -101,7 +99,6 @@ impl Pool {
             state: Mutex::default(),
             limit,
             open: AtomicUsize::new(0),
-            waiting: AtomicUsize::new(0),
         })
     }
 
@@ -124,7 +121,6 @@ impl Pool {
         }
         let (handoff, receive) = oneshot::channel();
         state.waiting.push_back(handoff);
-        self.waiting.store(state.waiting.len(), Ordering::SeqCst);
         Taken::Queued(receive, state.released)
     }
 
@@ -144,25 +140,19 @@ impl Pool {
     fn release(&self, connection: Connection) {
         let mut state = self.lock();
         state.released = state.released.wrapping_add(1);
-        let unclaimed = if state.waiting.is_empty() {
-            Some(connection)
-        } else {
-            let mut connection = connection;
-            let unclaimed = loop {
-                let Some(waiter) = state.waiting.pop_front() else {
-                    break Some(connection);
-                };
-                match waiter.send(Handoff::Idle(connection)) {
-                    Ok(()) => break None,
-                    // That request is gone (its deadline passed): the next one.
-                    Err(back) => match back.disarm() {
-                        Some(back) => connection = back,
-                        None => break None,
-                    },
-                }
+        let mut connection = connection;
+        let unclaimed = loop {
+            let Some(waiter) = state.waiting.pop_front() else {
+                break Some(connection);
             };
-            self.waiting.store(state.waiting.len(), Ordering::SeqCst);
-            unclaimed
+            match waiter.send(Handoff::Idle(connection)) {
+                Ok(()) => break None,
+                // That request is gone (its deadline passed): the next one.
+                Err(back) => match back.disarm() {
+                    Some(back) => connection = back,
+                    None => break None,
+                },
+            }
         };
         let extra = match unclaimed {
             Some(connection) if state.idle.len() < MAX_IDLE => {
@@ -177,20 +167,18 @@ impl Pool {
     }
 
     /// One place of `open` is free: to the longest waiting request, to dial, else uncounted.
+    /// Under the lock, as `take` counts, so that no request queues just as the place frees
+    /// (connections close rarely: this is not on the path of every request).
     fn free(self: &Arc<Self>) {
-        if self.waiting.load(Ordering::SeqCst) > 0 {
-            let mut state = self.lock();
-            while let Some(waiter) = state.waiting.pop_front() {
-                self.waiting.store(state.waiting.len(), Ordering::SeqCst);
-                let place = Counted {
-                    pool: Some(Arc::downgrade(self)),
-                };
-                if let Err(back) = waiter.send(Handoff::Dial(place)) {
-                    // A `Dial` comes back: disarmed, its drop frees nothing (under the lock).
-                    let _place = back.disarm();
-                } else {
-                    return;
-                }
+        let mut state = self.lock();
+        while let Some(waiter) = state.waiting.pop_front() {
+            let place = Counted {
+                pool: Some(Arc::downgrade(self)),
+            };
+            match waiter.send(Handoff::Dial(place)) {
+                Ok(()) => return,
+                // A `Dial` comes back: disarmed, its drop frees nothing (under the lock).
+                Err(back) => drop(back.disarm()),
             }
         }
         self.open.fetch_sub(1, Ordering::Relaxed);

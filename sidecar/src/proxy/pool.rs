@@ -595,6 +595,20 @@ mod tests {
         (addr, accepted)
     }
 
+    /// A pool to the app at `addr` with the given limit and waits.
+    fn limited(
+        addr: SocketAddr,
+        connections: usize,
+        stalled: Duration,
+        at_most: Duration,
+    ) -> Arc<EndpointPool> {
+        Arc::new(EndpointPool::new(addr, Transport::Plain).with_app_limit(
+            connections,
+            stalled,
+            at_most,
+        ))
+    }
+
     /// Sends `n` GET requests at once through `pool`; each must be answered `ok` in full.
     async fn burst(pool: &Arc<EndpointPool>, n: usize) {
         let sends = (0..n).map(|_| {
@@ -620,11 +634,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn requests_past_the_limit_wait_for_a_connection_to_come_back() {
         let (addr, accepted) = app(Duration::from_millis(10)).await;
-        let pool = Arc::new(EndpointPool::new(addr, Transport::Plain).with_app_limit(
-            2,
-            Duration::from_secs(1),
-            Duration::from_secs(1),
-        ));
+        let pool = limited(addr, 2, Duration::from_secs(1), Duration::from_secs(1));
         burst(&pool, 40).await;
         assert_eq!(
             accepted.total.load(Ordering::SeqCst),
@@ -639,8 +649,7 @@ mod tests {
     /// `stalled` while none comes back and `at_most` in all.
     async fn slow_app_burst(stalled: Duration, at_most: Duration) {
         let (addr, accepted) = app(Duration::from_millis(400)).await;
-        let pool =
-            Arc::new(EndpointPool::new(addr, Transport::Plain).with_app_limit(2, stalled, at_most));
+        let pool = limited(addr, 2, stalled, at_most);
         let started = Instant::now();
         burst(&pool, 6).await;
         // Held to two at a time, six would take three turns (1.2 s); past the wait, each
@@ -683,11 +692,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_connection_is_not_lost_to_a_request_that_gave_up_waiting() {
         let (addr, accepted) = app(Duration::from_millis(200)).await;
-        let pool = Arc::new(EndpointPool::new(addr, Transport::Plain).with_app_limit(
-            1,
-            Duration::from_secs(10),
-            Duration::from_secs(10),
-        ));
+        let pool = limited(addr, 1, Duration::from_secs(10), Duration::from_secs(10));
         let first = {
             let pool = pool.clone();
             tokio::spawn(async move { burst(&pool, 1).await })
