@@ -1,6 +1,7 @@
 //! Connections to one endpoint: dialing (TCP, then mTLS with the expected identity or plain),
-//! a pool of HTTP/1.1 connections reused with keep-alive, one multiplexed HTTP/2 connection,
-//! and dedicated connections for upgrades (WebSocket).
+//! a pool of HTTP/1.1 connections reused with keep-alive (to the app: at most [`AppLimit`], with
+//! a queue for the requests past it), one multiplexed HTTP/2 connection, and dedicated
+//! connections for upgrades (WebSocket).
 //!
 //! HTTP/1.1 is written on hyper's `client::conn` rather than hyper-util's legacy `Client`: the
 //! legacy client keys its pool and HTTP/2 `:authority` on the request URI, while the mesh must
