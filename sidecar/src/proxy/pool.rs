@@ -231,8 +231,8 @@ struct AppLimit {
     /// Connections past which a request first waits for one to come back. Without a limit, a
     /// callee holding 1,024 requests open dialed 1,024 connections to its app, each with
     /// buffers in both processes: with 64, `bench/ab.sh` at 1,024 client connections measured
-    /// the callee's peak RSS at 11.8 MiB instead of 39.2 and the pair's CPU per request at
-    /// 0.85× (docs/performance.md).
+    /// the callee's peak RSS at 11.9 MiB instead of 40.3 and the pair's CPU per request at
+    /// 0.82–0.83× (docs/performance.md).
     connections: usize,
     /// How long a queued request waits while no connection comes back before it dials one of
     /// its own past the limit, which the pool keeps until its sweep finds it idle
@@ -371,15 +371,12 @@ impl EndpointPool {
             origin_form(&mut req);
             // To another sidecar, past `mesh_h1_connections` the request rides HTTP/2; to the
             // app, past `AppLimit::connections` it waits for a connection to come back.
-            let queue = match self.transport {
-                Transport::Mesh { .. } => None,
-                Transport::Plain => Some(self.app_limit),
-            };
+            let queue = matches!(self.transport, Transport::Plain);
             // An idle connection may have been closed by the peer: then hyper hands the request
             // back unsent and it goes out on another one, or a fresh one. Each turn uses up an
             // idle connection or ends, so the loop ends.
             loop {
-                let connection = match self.h1.take(queue.is_some()) {
+                let connection = match self.h1.take(queue) {
                     http1::Taken::Idle(connection) => connection,
                     // Boxed: dialing is rare, and its large future would otherwise be part of
                     // every request's future.
@@ -391,8 +388,7 @@ impl EndpointPool {
                         return Box::pin(self.send_h2(h1_to_h2(req), connect_timeout)).await;
                     }
                     http1::Taken::Queued(handoff, released) => {
-                        let wait = queue.unwrap_or(AppLimit::DEFAULT);
-                        match Box::pin(self.queued(handoff, released, wait)).await {
+                        match Box::pin(self.queued(handoff, released)).await {
                             Some(http1::Handoff::Idle(connection)) => connection,
                             Some(http1::Handoff::Dial(place)) => {
                                 return Box::pin(self.send_h1_new(req, place, connect_timeout))
@@ -414,15 +410,15 @@ impl EndpointPool {
     }
 
     /// Waits for a connection to come back (or for the place of one that closed), for as long
-    /// as others come back at least once every `wait.stalled`, and `wait.at_most` in all; past
-    /// that, a place to dial one past the limit ([`AppLimit`]). `None` if the pool went away.
+    /// as others come back at least once every `app_limit.stalled`, and `app_limit.at_most` in
+    /// all; past that, a place to dial one past the limit ([`AppLimit`]). `None` if the pool went away.
     /// `released` is the pool's count of ended exchanges when the request was queued.
     async fn queued(
         &self,
         mut handoff: tokio::sync::oneshot::Receiver<http1::Handoff>,
         mut released: usize,
-        wait: AppLimit,
     ) -> Option<http1::Handoff> {
+        let wait = self.app_limit;
         let give_up = tokio::time::Instant::now() + wait.at_most;
         loop {
             let until = give_up.min(tokio::time::Instant::now() + wait.stalled);
