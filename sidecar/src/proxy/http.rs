@@ -347,20 +347,52 @@ pub fn ensure_correlation_id(headers: &mut HeaderMap) -> HeaderValue {
         && !id.is_empty()
         && id.len() <= 256
     {
+        // The value is kept twice (request and response). A parsed one is often its own
+        // allocation, which a clone would promote to a shared one with a second allocation; a
+        // copy into a shared block makes both clones reference counts.
+        if let Ok(shared) = HeaderValue::from_maybe_shared(share_small(id.as_bytes())) {
+            *id = shared;
+        }
         id.set_sensitive(true);
         return id.clone();
     }
     let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    let id = HeaderValue::from_bytes(
-        uuid::Uuid::new_v4()
-            .hyphenated()
-            .encode_lower(&mut text)
-            .as_bytes(),
-    )
-    .unwrap_or(HeaderValue::from_static("invalid"));
+    let uuid = uuid::Uuid::new_v4().hyphenated();
+    let id = HeaderValue::from_maybe_shared(share_small(uuid.encode_lower(&mut text).as_bytes()))
+        .unwrap_or(HeaderValue::from_static("invalid"));
     let id = never_indexed(id);
     headers.insert(CORRELATION_ID, id.clone());
     id
+}
+
+/// Strings up to this long are cut from a shared block by [`share_small`].
+const SMALL: usize = 256;
+/// The size of the blocks [`share_small`] cuts from: 2 KiB holds 56 correlation IDs.
+const SMALL_BLOCK: usize = 2048;
+
+thread_local! {
+    /// What is left of this thread's current block for [`share_small`].
+    static SMALL_BLOCK_LEFT: std::cell::RefCell<bytes::BytesMut> =
+        std::cell::RefCell::new(bytes::BytesMut::new());
+}
+
+/// A copy of a short string that every request makes (a correlation ID, an authority taken
+/// from `Host`), cut from a block shared with the copies before it. `Bytes::copy_from_slice`
+/// costs an allocation per copy, and another one when the copy is first cloned (its `Vec` is
+/// promoted to a shared buffer); here a block of [`SMALL_BLOCK`] bytes costs two allocations for
+/// dozens of copies, and clones are reference counts. A block is freed once every copy cut from
+/// it is dropped; the copies live as long as their request.
+pub fn share_small(src: &[u8]) -> Bytes {
+    if src.len() > SMALL {
+        return Bytes::copy_from_slice(src);
+    }
+    SMALL_BLOCK_LEFT.with_borrow_mut(|block| {
+        if block.capacity() - block.len() < src.len() {
+            *block = bytes::BytesMut::with_capacity(SMALL_BLOCK);
+        }
+        block.extend_from_slice(src);
+        block.split().freeze()
+    })
 }
 
 /// Marks a value that is new on every request (a correlation ID, `traceparent`, a
@@ -419,7 +451,7 @@ pub fn h1_to_h2(req: Request<Body>) -> Request<Body> {
         None => parts
             .headers
             .get(header::HOST)
-            .and_then(|h| Authority::try_from(h.as_bytes()).ok()),
+            .and_then(authority_from_host),
     };
     upgrade_to_h2(&mut parts);
     if let Some(authority) = from_host {
@@ -491,10 +523,16 @@ pub fn restore_orig_proto(parts: &mut http::request::Parts) {
     };
     if !parts.headers.contains_key(header::HOST)
         && let Some(authority) = parts.uri.authority()
-        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+        && let Ok(host) = HeaderValue::from_maybe_shared(share_small(authority.as_str().as_bytes()))
     {
         parts.headers.insert(header::HOST, host);
     }
+}
+
+/// The authority a `Host` header names, in shared bytes ([`share_small`]): the upstream URI
+/// keeps it, and each retry's copy of the request clones it.
+pub fn authority_from_host(host: &HeaderValue) -> Option<Authority> {
+    Authority::from_maybe_shared(share_small(host.as_bytes())).ok()
 }
 
 /// Turns an upstream's (or the app's) response into the client's: hop-by-hop headers removed;
@@ -562,6 +600,47 @@ mod tests {
         assert!(id.is_sensitive() && given[&CORRELATION_ID].is_sensitive());
         assert!(given[&TRACEPARENT].is_sensitive());
         assert!(grpc_timeout_value(Duration::from_millis(250)).is_sensitive());
+    }
+
+    #[test]
+    fn small_copies_share_a_block_and_outlive_it() {
+        let first = share_small(b"4bf92f35-77b3-4da6-a3ce-929d0e0e4736");
+        let second = share_small(b"backend.default:8080");
+        assert_eq!(first, &b"4bf92f35-77b3-4da6-a3ce-929d0e0e4736"[..]);
+        assert_eq!(second, &b"backend.default:8080"[..]);
+        // Many more copies than a block holds: each stays whole after new blocks are cut, and
+        // all but one in each block follow the one before it in memory.
+        let copies: Vec<Bytes> = (0..500)
+            .map(|i| share_small(format!("id-{i:04}").as_bytes()))
+            .collect();
+        drop(first);
+        for (i, copy) in copies.iter().enumerate() {
+            assert_eq!(copy, format!("id-{i:04}").as_bytes());
+        }
+        let same_block = copies
+            .windows(2)
+            .filter(|w| w[0].as_ptr().wrapping_add(w[0].len()) == w[1].as_ptr())
+            .count();
+        assert!(same_block > 450, "only {same_block} of 499 copies shared a block");
+        // Long strings are plain copies; empty ones work too.
+        let long = vec![b'a'; SMALL + 1];
+        assert_eq!(share_small(&long), long);
+        assert!(share_small(b"").is_empty());
+        assert_eq!(second, &b"backend.default:8080"[..]);
+    }
+
+    #[test]
+    fn a_parsed_correlation_id_is_kept_in_shared_bytes() {
+        let mut given = HeaderMap::new();
+        given.insert(CORRELATION_ID, HeaderValue::from_str("order-18").unwrap());
+        let id = ensure_correlation_id(&mut given);
+        assert_eq!(id, "order-18");
+        assert_eq!(given[&CORRELATION_ID], "order-18");
+        // The request's value and the returned one are the same bytes, not two copies.
+        assert_eq!(id.as_bytes().as_ptr(), given[&CORRELATION_ID].as_bytes().as_ptr());
+        let authority = authority_from_host(&HeaderValue::from_static("backend:8080")).unwrap();
+        assert_eq!(authority.as_str(), "backend:8080");
+        assert!(authority_from_host(&HeaderValue::from_static("bad host")).is_none());
     }
 
     #[test]

@@ -20,9 +20,10 @@ use http::uri::Authority;
 use http::{Method, Request, Response, StatusCode, Uri};
 
 use super::http::{
-    Body, CORRELATION_ID, ErrorKind, GRPC_TIMEOUT, ORIG_PROTO, OUTRIDER_PEER, ProxyError, empty,
-    ensure_correlation_id, grpc_timeout_value, is_grpc, is_upgrade_head, never_index_trace_context,
-    parse_grpc_timeout, relay_response, set_absolute_uri, strip_hop_by_hop,
+    Body, CORRELATION_ID, ErrorKind, GRPC_TIMEOUT, ORIG_PROTO, OUTRIDER_PEER, ProxyError,
+    authority_from_host, empty, ensure_correlation_id, grpc_timeout_value, is_grpc,
+    is_upgrade_head, never_index_trace_context, parse_grpc_timeout, relay_response,
+    set_absolute_uri, share_small, strip_hop_by_hop,
 };
 use super::http2::server::PendingTunnel;
 use super::pool::SendError;
@@ -62,7 +63,7 @@ pub fn handle(
             None => req
                 .headers()
                 .get(header::HOST)
-                .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+                .and_then(authority_from_host)
                 .or_else(|| tunnel.as_deref().and_then(|t| Authority::try_from(t).ok())),
         };
         let Some(authority) = authority else {
@@ -277,7 +278,7 @@ fn policy_error(service: &str, policy: &Policy, error: PolicyError) -> ProxyErro
 fn set_upstream_uri(parts: &mut http::request::Parts, authority: &Authority) {
     if parts.version != http::Version::HTTP_2
         && !parts.headers.contains_key(header::HOST)
-        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+        && let Ok(host) = HeaderValue::from_maybe_shared(share_small(authority.as_str().as_bytes()))
     {
         parts.headers.insert(header::HOST, host);
     }
