@@ -405,6 +405,25 @@ pub fn never_indexed(mut value: HeaderValue) -> HeaderValue {
     value
 }
 
+/// One head in this many on each HTTP/2 connection between sidecars sends its per-request
+/// values ([`never_indexed`]) indexed after all ([`index_per_request_names`]).
+pub const NAME_REFRESH: u32 = 256;
+
+/// Lets this head add its per-request values (correlation ID, `traceparent`, `grpc-timeout`) to
+/// the HPACK tables. A never-indexed value whose *name* is in the table goes out as a literal
+/// with an indexed name; otherwise the name goes out as a literal too, and the receiver
+/// Huffman-decodes and allocates it on every request. Sent indexed on the first head of a
+/// connection and one in [`NAME_REFRESH`] after it, the names stay in the table (should the
+/// peer's table evict them, the next refresh brings them back), at the cost of one entry
+/// nobody reuses per refresh.
+pub fn index_per_request_names(headers: &mut HeaderMap) {
+    for name in [CORRELATION_ID, TRACEPARENT, GRPC_TIMEOUT] {
+        if let Some(value) = headers.get_mut(name) {
+            value.set_sensitive(false);
+        }
+    }
+}
+
 /// [`never_indexed`] for the request's `traceparent` (W3C trace context), if it has one.
 pub fn never_index_trace_context(headers: &mut HeaderMap) {
     if let Some(value) = headers.get_mut(TRACEPARENT) {
@@ -621,7 +640,10 @@ mod tests {
             .windows(2)
             .filter(|w| w[0].as_ptr().wrapping_add(w[0].len()) == w[1].as_ptr())
             .count();
-        assert!(same_block > 450, "only {same_block} of 499 copies shared a block");
+        assert!(
+            same_block > 450,
+            "only {same_block} of 499 copies shared a block"
+        );
         // Long strings are plain copies; empty ones work too.
         let long = vec![b'a'; SMALL + 1];
         assert_eq!(share_small(&long), long);
@@ -637,7 +659,10 @@ mod tests {
         assert_eq!(id, "order-18");
         assert_eq!(given[&CORRELATION_ID], "order-18");
         // The request's value and the returned one are the same bytes, not two copies.
-        assert_eq!(id.as_bytes().as_ptr(), given[&CORRELATION_ID].as_bytes().as_ptr());
+        assert_eq!(
+            id.as_bytes().as_ptr(),
+            given[&CORRELATION_ID].as_bytes().as_ptr()
+        );
         let authority = authority_from_host(&HeaderValue::from_static("backend:8080")).unwrap();
         assert_eq!(authority.as_str(), "backend:8080");
         assert!(authority_from_host(&HeaderValue::from_static("bad host")).is_none());
