@@ -400,28 +400,14 @@ pub fn share_small(src: &[u8]) -> Bytes {
 /// would otherwise add each one to both sides' dynamic tables, where it can never be reused and
 /// evicts the entries that do repeat (`:authority`, `user-agent`, `content-type`), so those go
 /// out as literals again too. On HTTP/1.1 the mark means nothing.
+///
+/// Their names still go out as Huffman literals. Indexing each connection's first value so the
+/// names become indexed was measured (callgrind, 64 connections) and reverted: h2's encoder then
+/// finds the name in its table and compares the value on every request, which cost the caller
+/// 850 and the callee 500 instructions per request more than the peer's decoding saved.
 pub fn never_indexed(mut value: HeaderValue) -> HeaderValue {
     value.set_sensitive(true);
     value
-}
-
-/// One head in this many on each HTTP/2 connection between sidecars sends its per-request
-/// values ([`never_indexed`]) indexed after all ([`index_per_request_names`]).
-pub const NAME_REFRESH: u32 = 256;
-
-/// Lets this head add its per-request values (correlation ID, `traceparent`, `grpc-timeout`) to
-/// the HPACK tables. A never-indexed value whose *name* is in the table goes out as a literal
-/// with an indexed name; otherwise the name goes out as a literal too, and the receiver
-/// Huffman-decodes and allocates it on every request. Sent indexed on the first head of a
-/// connection and one in [`NAME_REFRESH`] after it, the names stay in the table (should the
-/// peer's table evict them, the next refresh brings them back), at the cost of one entry
-/// nobody reuses per refresh.
-pub fn index_per_request_names(headers: &mut HeaderMap) {
-    for name in [CORRELATION_ID, TRACEPARENT, GRPC_TIMEOUT] {
-        if let Some(value) = headers.get_mut(name) {
-            value.set_sensitive(false);
-        }
-    }
 }
 
 /// [`never_indexed`] for the request's `traceparent` (W3C trace context), if it has one.

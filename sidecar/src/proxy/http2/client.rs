@@ -16,7 +16,7 @@
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 
 use bytes::Bytes;
@@ -27,7 +27,7 @@ use http_body::Body as _;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{CONNECTION_WINDOW, KeepAlive, MAX_SEND_BUFFER, Pipe, RecvBody, STREAM_WINDOW};
-use crate::proxy::http::{Body, NAME_REFRESH, boxed, index_per_request_names};
+use crate::proxy::http::{Body, boxed};
 
 /// The largest response head accepted (hyper's default, kept).
 const MAX_HEADER_LIST: u32 = 16 * 1024;
@@ -38,8 +38,6 @@ pub struct Connection {
     sender: SendRequest<Bytes>,
     /// Set when the connection's task ends (the peer closed it, an I/O error, a missed pong).
     closed: Arc<AtomicBool>,
-    /// Streams opened, to send one head in [`NAME_REFRESH`] with its per-request names indexed.
-    opened: Arc<AtomicU32>,
 }
 
 impl Connection {
@@ -71,11 +69,7 @@ impl Connection {
             .await;
             done.store(true, Ordering::Release);
         });
-        Ok(Self {
-            sender,
-            closed,
-            opened: Arc::new(AtomicU32::new(0)),
-        })
+        Ok(Self { sender, closed })
     }
 
     pub fn is_closed(&self) -> bool {
@@ -87,13 +81,7 @@ impl Connection {
     pub async fn ready(&self) -> Result<Ready, h2::Error> {
         let mut sender = self.sender.clone();
         match poll_fn(|cx| sender.poll_ready(cx)).await {
-            Ok(()) => Ok(Ready {
-                sender,
-                index_names: self
-                    .opened
-                    .fetch_add(1, Ordering::Relaxed)
-                    .is_multiple_of(NAME_REFRESH),
-            }),
+            Ok(()) => Ok(Ready(sender)),
             Err(e) => {
                 self.closed.store(true, Ordering::Release);
                 Err(e)
@@ -103,11 +91,7 @@ impl Connection {
 }
 
 /// A connection ready to open a stream.
-pub struct Ready {
-    sender: SendRequest<Bytes>,
-    /// This head sends its per-request names indexed ([`index_per_request_names`]).
-    index_names: bool,
-}
+pub struct Ready(SendRequest<Bytes>);
 
 impl Ready {
     /// Sends `req` (its URI absolute: `:scheme`, `:authority`) and waits for the response head.
@@ -117,15 +101,9 @@ impl Ready {
         self,
         req: Request<Body>,
     ) -> impl Future<Output = Result<Response<Body>, h2::Error>> + Send + 'static {
-        let Ready {
-            mut sender,
-            index_names,
-        } = self;
+        let Ready(mut sender) = self;
         let (parts, body) = req.into_parts();
         let mut head = Request::from_parts(parts, ());
-        if index_names {
-            index_per_request_names(head.headers_mut());
-        }
         let end_of_stream = body.is_end_stream();
         if let Some(len) = body.size_hint().exact()
             && len != 0

@@ -33,7 +33,7 @@ use super::{
     CONNECTION_WINDOW, KeepAlive, MAX_SEND_BUFFER, Pipe, RecvBody, STREAM_WINDOW,
     poll_data_released,
 };
-use crate::proxy::http::{Body, NAME_REFRESH, boxed, empty, index_per_request_names};
+use crate::proxy::http::{Body, boxed, empty};
 
 /// Requests one HTTP/2 connection may have in flight.
 pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
@@ -71,9 +71,6 @@ where
     let mut keep_alive = connection.ping_pong().map(KeepAlive::new);
     let mut stop = pin!(stop);
     let mut draining = false;
-    // Streams accepted, to send one response head in NAME_REFRESH with its per-request names
-    // indexed.
-    let mut accepted_streams = 0u32;
     loop {
         let accepted = poll_fn(|cx| {
             if !draining && stop.as_mut().poll(cx).is_ready() {
@@ -111,9 +108,7 @@ where
             let body = boxed(RecvBody::new(recv, &parts.headers));
             (Request::from_parts(parts, body), None)
         };
-        let index_names = accepted_streams.is_multiple_of(NAME_REFRESH);
-        accepted_streams = accepted_streams.wrapping_add(1);
-        let answer = Answer::new(handle(request), respond, tunnel, index_names);
+        let answer = Answer::new(handle(request), respond, tunnel);
         // Boxed: tokio moves a task's future into place when it spawns it and again when it
         // ends; for a 2 KB future that costs more than the allocation (bench/callgrind.sh).
         tokio::spawn(Box::pin(answer));
@@ -131,24 +126,16 @@ pin_project_lite::pin_project! {
         handling: Option<F>,
         respond: SendResponse<Bytes>,
         tunnel: Option<TunnelParts>,
-        // The response head sends its per-request names indexed ([`index_per_request_names`]).
-        index_names: bool,
         body: Option<Pipe>,
     }
 }
 
 impl<F> Answer<F> {
-    fn new(
-        response: F,
-        respond: SendResponse<Bytes>,
-        tunnel: Option<TunnelParts>,
-        index_names: bool,
-    ) -> Self {
+    fn new(response: F, respond: SendResponse<Bytes>, tunnel: Option<TunnelParts>) -> Self {
         Self {
             handling: Some(response),
             respond,
             tunnel,
-            index_names,
             body: None,
         }
     }
@@ -167,12 +154,7 @@ impl<F: Future<Output = Response<Body>>> Future for Answer<F> {
             }
             let response = ready!(handling.poll(cx));
             this.handling.set(None);
-            *this.body = send(
-                this.respond,
-                response,
-                this.tunnel.take(),
-                *this.index_names,
-            );
+            *this.body = send(this.respond, response, this.tunnel.take());
         }
         match this.body {
             Some(body) => Pin::new(body).poll(cx),
@@ -188,12 +170,8 @@ fn send(
     respond: &mut SendResponse<Bytes>,
     response: Response<Body>,
     tunnel: Option<TunnelParts>,
-    index_names: bool,
 ) -> Option<Pipe> {
     let (mut parts, body) = response.into_parts();
-    if index_names {
-        index_per_request_names(&mut parts.headers);
-    }
     if !parts.headers.contains_key(DATE) {
         parts.headers.insert(DATE, http_date());
     }
@@ -479,125 +457,5 @@ mod tests {
         assert!(!server.is_finished(), "open until the first ping");
         tokio::time::sleep(PING_TIMEOUT + Duration::from_secs(2)).await;
         assert!(server.is_finished(), "closed once the pong is late");
-    }
-
-    /// An IO that keeps a copy of every byte read from it and written to it.
-    struct Recording {
-        io: tokio::io::DuplexStream,
-        read: Arc<Mutex<Vec<u8>>>,
-        written: Arc<Mutex<Vec<u8>>>,
-    }
-
-    impl AsyncRead for Recording {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            let before = buf.filled().len();
-            let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-            let new = &buf.filled()[before..];
-            self.read.lock().expect("lock").extend_from_slice(new);
-            polled
-        }
-    }
-
-    impl AsyncWrite for Recording {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            let polled = Pin::new(&mut self.io).poll_write(cx, buf);
-            if let Poll::Ready(Ok(n)) = polled {
-                self.written
-                    .lock()
-                    .expect("lock")
-                    .extend_from_slice(&buf[..n]);
-            }
-            polled
-        }
-
-        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.io).poll_flush(cx)
-        }
-
-        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.io).poll_shutdown(cx)
-        }
-    }
-
-    /// The length of each HEADERS frame's header block in a connection's frames.
-    fn header_blocks(mut frames: &[u8]) -> Vec<usize> {
-        let mut lengths = Vec::new();
-        while frames.len() >= 9 {
-            let length =
-                usize::from(frames[0]) << 16 | usize::from(frames[1]) << 8 | usize::from(frames[2]);
-            if frames[3] == 1 {
-                lengths.push(length);
-            }
-            frames = &frames[(9 + length).min(frames.len())..];
-        }
-        lengths
-    }
-
-    /// A never-indexed value of 36 characters whose HPACK Huffman codes are all 5 bits long
-    /// (23 bytes on the wire), different for each `n`.
-    fn unique_value(n: usize) -> HeaderValue {
-        const FIVE_BIT: &[u8] = b"012aceiost";
-        let text: Vec<u8> = (0..36)
-            .map(|i| FIVE_BIT[(n / 10usize.pow(i % 4)) % 10])
-            .collect();
-        crate::proxy::http::never_indexed(HeaderValue::from_bytes(&text).expect("value"))
-    }
-
-    #[tokio::test]
-    async fn per_request_values_go_out_with_indexed_names() {
-        use crate::proxy::http::CORRELATION_ID;
-        let handle = |req: Request<Body>| {
-            let n = req.uri().path()[1..].parse::<usize>().unwrap_or(0);
-            async move {
-                let mut response = Response::new(empty());
-                response
-                    .headers_mut()
-                    .insert(DATE, HeaderValue::from_static("x"));
-                response
-                    .headers_mut()
-                    .insert(CORRELATION_ID, unique_value(1000 + n));
-                response
-            }
-        };
-        let (io, _server) = serving(handle, std::future::pending());
-        let (read, written) = (Arc::default(), Arc::default());
-        let io = Recording {
-            io,
-            read: Arc::clone(&read),
-            written: Arc::clone(&written),
-        };
-        let client = super::super::client::Connection::handshake(io)
-            .await
-            .expect("handshake");
-        for n in 0..3 {
-            let mut req = Request::get(format!("http://app/{n}"))
-                .body(empty())
-                .expect("request");
-            req.headers_mut().insert(CORRELATION_ID, unique_value(n));
-            let ready = client.ready().await.expect("ready");
-            let response = ready.send(req).await.expect("response");
-            assert_eq!(response.headers()[CORRELATION_ID], unique_value(1000 + n));
-        }
-        // Without the names indexed, each head after the first would carry
-        // `x-correlation-id` as a 12-byte Huffman literal: 45 bytes for a request (:method,
-        // :scheme and :authority indexed, 1 byte each; :path `/n`, 4; the name; the 23-byte
-        // value) and 40 for a response (:status and `date` indexed). With the name indexed:
-        // 33 and 28.
-        let requests = header_blocks(&written.lock().expect("lock")[24..]);
-        let responses = header_blocks(&read.lock().expect("lock"));
-        assert_eq!(requests.len(), 3);
-        assert_eq!(responses.len(), 3);
-        for later in 1..3 {
-            assert!(requests[later] <= 34, "request heads: {requests:?}");
-            assert!(responses[later] <= 29, "response heads: {responses:?}");
-        }
     }
 }
