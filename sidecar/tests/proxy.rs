@@ -742,6 +742,78 @@ async fn slowloris_is_cut_off_while_others_are_served() {
     assert!(!answer.contains("200 OK"), "{answer}");
 }
 
+/// The head timeout also holds for a keep-alive connection's later requests, for a client that
+/// trickles its head (each byte a read, so the connection never looks idle) and across the
+/// pauses in which the sidecar parks the connection with part of a head read.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_later_head_sent_slowly_is_cut_off_too() {
+    let pki = Pki::new();
+    let app = apps::http_app("users").await;
+    let pair = Pair::start(
+        &pki,
+        "user-service",
+        app.addr,
+        "limits: { header_read_timeout: 1s }\n",
+        "",
+    );
+    let outbound = pair.caller.ports.outbound;
+    let trickle = move |pause: Duration| {
+        let mut s = std::net::TcpStream::connect(outbound).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s.write_all(b"GET /hello HTTP/1.1\r\nHost: user-service\r\n\r\n")
+            .expect("write");
+        let mut first = [0u8; 512];
+        let n = s.read(&mut first).expect("first response");
+        let first = String::from_utf8_lossy(&first[..n]).to_string();
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+        let started = Instant::now();
+        s.write_all(b"GET /hello HTTP/1.1\r\nHost: user-service\r\n")
+            .expect("write");
+        // One header byte per pause, for up to 6 s: far longer than the timeout.
+        for byte in b"x-slow: "
+            .iter()
+            .cycle()
+            .take(6_000 / pause.as_millis() as usize)
+        {
+            std::thread::sleep(pause);
+            if s.write_all(std::slice::from_ref(byte)).is_err() {
+                break;
+            }
+        }
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        (
+            started.elapsed(),
+            String::from_utf8_lossy(&rest).to_string(),
+        )
+    };
+    // 50 ms pauses keep the connection busy; 300 ms pauses let it park between bytes.
+    for pause in [50, 300] {
+        let pause = Duration::from_millis(pause);
+        let (held, answer) = tokio::task::spawn_blocking(move || trickle(pause))
+            .await
+            .expect("join");
+        assert!(
+            held < Duration::from_millis(2_500),
+            "a client trickling its second head every {pause:?} was held for {held:?}"
+        );
+        assert!(!answer.contains("200 OK"), "{answer}");
+    }
+    // A client that keeps sending whole requests is served as long as it likes.
+    let mut s = std::net::TcpStream::connect(outbound).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    for _ in 0..6 {
+        s.write_all(b"GET /hello HTTP/1.1\r\nHost: user-service\r\n\r\n")
+            .expect("write");
+        let mut answer = [0u8; 512];
+        let n = s.read(&mut answer).expect("response");
+        assert!(answer[..n].starts_with(b"HTTP/1.1 200"));
+        std::thread::sleep(Duration::from_millis(400));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_lets_in_flight_requests_finish() {
     let pki = Pki::new();
