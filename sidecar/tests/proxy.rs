@@ -699,24 +699,40 @@ async fn oversized_heads_get_431_and_the_sidecar_keeps_serving() {
     assert_eq!(app.hits(), 2);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn slowloris_is_cut_off_while_others_are_served() {
-    let pki = Pki::new();
+/// A request head to the users app.
+const WHOLE_HEAD: &[u8] = b"GET /hello HTTP/1.1\r\nHost: user-service\r\n\r\n";
+/// The same head without its final empty line: unfinished.
+const PARTIAL_HEAD: &[u8] = b"GET /hello HTTP/1.1\r\nHost: user-service\r\n";
+
+/// The users app behind a pair whose caller gives clients 1 s to send a request head.
+async fn users_behind_1s_head_timeout(pki: &Pki) -> (apps::App, Pair) {
     let app = apps::http_app("users").await;
     let pair = Pair::start(
-        &pki,
+        pki,
         "user-service",
         app.addr,
         "limits: { header_read_timeout: 1s }\n",
         "",
     );
+    (app, pair)
+}
+
+/// A blocking client connection whose reads give up after 10 s.
+fn raw_connection(to: std::net::SocketAddr) -> std::net::TcpStream {
+    let s = std::net::TcpStream::connect(to).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slowloris_is_cut_off_while_others_are_served() {
+    let pki = Pki::new();
+    let (_app, pair) = users_behind_1s_head_timeout(&pki).await;
     let outbound = pair.caller.ports.outbound;
     let slow = std::thread::spawn(move || {
-        let mut s = std::net::TcpStream::connect(outbound).expect("connect");
-        s.write_all(b"GET /hello HTTP/1.1\r\nHost: user-service\r\n")
-            .expect("write");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
+        let mut s = raw_connection(outbound);
+        s.write_all(PARTIAL_HEAD).expect("write");
         let started = Instant::now();
         let mut buf = Vec::new();
         let _ = s.read_to_end(&mut buf);
@@ -748,28 +764,17 @@ async fn slowloris_is_cut_off_while_others_are_served() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_later_head_sent_slowly_is_cut_off_too() {
     let pki = Pki::new();
-    let app = apps::http_app("users").await;
-    let pair = Pair::start(
-        &pki,
-        "user-service",
-        app.addr,
-        "limits: { header_read_timeout: 1s }\n",
-        "",
-    );
+    let (_app, pair) = users_behind_1s_head_timeout(&pki).await;
     let outbound = pair.caller.ports.outbound;
     let trickle = move |pause: Duration| {
-        let mut s = std::net::TcpStream::connect(outbound).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        s.write_all(b"GET /hello HTTP/1.1\r\nHost: user-service\r\n\r\n")
-            .expect("write");
+        let mut s = raw_connection(outbound);
+        s.write_all(WHOLE_HEAD).expect("write");
         let mut first = [0u8; 512];
         let n = s.read(&mut first).expect("first response");
         let first = String::from_utf8_lossy(&first[..n]).to_string();
         assert!(first.starts_with("HTTP/1.1 200"), "{first}");
         let started = Instant::now();
-        s.write_all(b"GET /hello HTTP/1.1\r\nHost: user-service\r\n")
-            .expect("write");
+        s.write_all(PARTIAL_HEAD).expect("write");
         // One header byte per pause, for up to 6 s: far longer than the timeout.
         for byte in b"x-slow: "
             .iter()
@@ -801,12 +806,9 @@ async fn a_later_head_sent_slowly_is_cut_off_too() {
         assert!(!answer.contains("200 OK"), "{answer}");
     }
     // A client that keeps sending whole requests is served as long as it likes.
-    let mut s = std::net::TcpStream::connect(outbound).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
+    let mut s = raw_connection(outbound);
     for _ in 0..6 {
-        s.write_all(b"GET /hello HTTP/1.1\r\nHost: user-service\r\n\r\n")
-            .expect("write");
+        s.write_all(WHOLE_HEAD).expect("write");
         let mut answer = [0u8; 512];
         let n = s.read(&mut answer).expect("response");
         assert!(answer[..n].starts_with(b"HTTP/1.1 200"));
