@@ -177,10 +177,14 @@ fn serve(
         };
         strip_hop_by_hop(&mut parts.headers, upgrade);
         restore_orig_proto(&mut parts);
-        // Only this sidecar may say who the caller is.
-        parts.headers.remove(OUTRIDER_PEER);
-        if let Some(value) = &peer.header {
-            parts.headers.insert(OUTRIDER_PEER, value.clone());
+        // Only this sidecar may say who the caller is (`insert` drops every value the caller sent).
+        match &peer.header {
+            Some(value) => {
+                parts.headers.insert(OUTRIDER_PEER, value.clone());
+            }
+            None => {
+                parts.headers.remove(OUTRIDER_PEER);
+            }
         }
         set_app_uri(&mut parts, config.app);
         let app_req = Request::from_parts(parts, body);

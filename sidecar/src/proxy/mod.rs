@@ -21,7 +21,7 @@ pub mod pool;
 pub mod route;
 pub mod server;
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
@@ -56,6 +56,8 @@ pub struct Upstream {
 }
 
 /// Upstreams by service name, then by the namespace the authority named (None: our own).
+/// Looked up on every outbound request: foldhash (seeded per process) costs a fraction of std's
+/// SipHash on short service names, and only services discovery knows are ever inserted.
 type UpstreamMap = HashMap<String, Vec<(Option<String>, Arc<Upstream>)>>;
 
 /// State shared by every listener of one sidecar.
@@ -88,7 +90,7 @@ impl Shared {
             discovery,
             tls,
             local_api,
-            upstreams: RwLock::new(HashMap::new()),
+            upstreams: RwLock::new(HashMap::default()),
         })
     }
 
