@@ -3,7 +3,7 @@
 # the check a callgrind count (bench/callgrind.sh) needs before a change is kept, since fewer
 # instructions is not always less time (system calls, wake-ups).
 #
-#   bench/ab.sh BIN_A BIN_B [ROUNDS=5] [SECONDS=5] [CONNECTIONS=64]
+#   bench/ab.sh BIN_A BIN_B [ROUNDS=6] [SECONDS=5] [CONNECTIONS=64]
 #   env: ENV_A, ENV_B   extra environment of each side, e.g. ENV_B="OUTRIDER_MESH_H1_CONNECTIONS=64"
 #        BENCH_PORT_BASE (default 21700), OUTRIDER_WORKER_THREADS (default 1),
 #        AB_PATH (default /: a 2-byte body; /16k.bin: 16 KiB),
@@ -12,7 +12,9 @@
 #        loadgen first: cargo build --release -p loadgen)
 #
 # One nginx backend (`return 200 "ok"`) and, per round and per build, a fresh caller+callee pair
-# with mTLS pinned to core 0 with nginx, wrk pinned to core 1, in the order A B A B ... For each
+# with mTLS pinned to core 0 with nginx, wrk pinned to core 1, in the order A B, B A, A B ...
+# (the order alternates because whichever build runs second in a round has gained ~6 % on some
+# hosts; over an even number of rounds that bias cancels in the medians). For each
 # run: requests/s, CPU seconds of the pair per 10,000 requests (utime+stime from /proc), peak RSS
 # (VmHWM) of each sidecar, and wrk's errors (non-2xx/3xx answers, socket errors); then the medians
 # and the ratio B/A.
@@ -21,7 +23,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN_A="${1:?usage: bench/ab.sh BIN_A BIN_B [ROUNDS] [SECONDS] [CONNECTIONS]}"
 BIN_B="${2:?usage: bench/ab.sh BIN_A BIN_B [ROUNDS] [SECONDS] [CONNECTIONS]}"
-ROUNDS="${3:-5}"
+ROUNDS="${3:-6}"
 SECS="${4:-5}"
 CONNS="${5:-64}"
 BASE="${BENCH_PORT_BASE:-21700}"
@@ -93,8 +95,13 @@ run_one() { # label bin env
 }
 
 for round in $(seq 1 "$ROUNDS"); do
-    run_one A "$BIN_A" "${ENV_A:-}"
-    run_one B "$BIN_B" "${ENV_B:-}"
+    if ((round % 2)); then
+        run_one A "$BIN_A" "${ENV_A:-}"
+        run_one B "$BIN_B" "${ENV_B:-}"
+    else
+        run_one B "$BIN_B" "${ENV_B:-}"
+        run_one A "$BIN_A" "${ENV_A:-}"
+    fi
     tail -2 "$WORK/results" | sed "s/^/round $round: /"
     tail -4 "$WORK/rss" | sed "s/^/round $round:   /"
 done

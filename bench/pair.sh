@@ -397,6 +397,17 @@ cpu_ticks() { # variant -> utime+stime ticks summed over its proxy processes
     done
     echo "$total"
 }
+# One /proc/PID/status field (VmRSS, VmHWM) of each of a variant's proxy processes, in KiB:
+# {"proc": KiB, ...}. Each run records the peaks so far, so a reader can see which test set them.
+status_kib() { # variant field
+    local name names sep="" out="{"
+    read -ra names <<<"${PROCS[$1]}"
+    for name in "${names[@]}"; do
+        out+="$sep\"$name\":$(awk -v f="$2:" '$1 == f {print $2}' "/proc/${PID[$name]}/status")"
+        sep=","
+    done
+    echo "$out}"
+}
 RAW="$WORK/raw.jsonl"
 : >"$RAW"
 emit() { echo "$1" >>"$RAW"; }
@@ -416,7 +427,7 @@ run_wrk() { # round variant test path [connections]
         rps=0 reqs=0
     fi
     log "round $round $v $test: $rps req/s, $errs errors"
-    emit "{\"round\":$round,\"variant\":\"$v\",\"test\":\"$test\",\"connections\":$conns,\"rps\":$rps,\"requests\":$reqs,\"errors\":$errs,\"cpu_ticks\":$((after - before)),\"clk_tck\":$CLK_TCK}"
+    emit "{\"round\":$round,\"variant\":\"$v\",\"test\":\"$test\",\"connections\":$conns,\"rps\":$rps,\"requests\":$reqs,\"errors\":$errs,\"cpu_ticks\":$((after - before)),\"clk_tck\":$CLK_TCK,\"hwm_after_kib\":$(status_kib "$v" VmHWM)}"
 }
 
 run_loadgen() { # round variant test [extra args]
@@ -429,7 +440,7 @@ run_loadgen() { # round variant test [extra args]
         || { log "loadgen failed for $v $test: $(cat "$WORK/lg.err")"; return 0; }
     after="$(cpu_ticks "$v")"
     log "round $round $(grep '^loadgen' "$WORK/lg.err" | tail -n1 | sed 's/^loadgen //')"
-    emit "{\"round\":$round,\"variant\":\"$v\",\"test\":\"$test\",\"cpu_ticks\":$((after - before)),\"clk_tck\":$CLK_TCK,\"loadgen\":$(jq -c 'del(.percentiles) + {percentiles: [.percentiles[] | [.q, .ms]]}' "$out")}"
+    emit "{\"round\":$round,\"variant\":\"$v\",\"test\":\"$test\",\"cpu_ticks\":$((after - before)),\"clk_tck\":$CLK_TCK,\"hwm_after_kib\":$(status_kib "$v" VmHWM),\"loadgen\":$(jq -c 'del(.percentiles) + {percentiles: [.percentiles[] | [.q, .ms]]}' "$out")}"
 }
 
 # ---------------------------------------------------------------- interleaved rounds
@@ -465,15 +476,7 @@ memory_json >"$WORK/memory.json"
 # RSS added by 1,000 idle keep-alive connections to each caller sidecar: `loadgen hold` opens
 # them one after the other, sends one request on each, and holds them while RSS is sampled.
 # (After the peak-RSS sample above, so the idle test does not set the peaks.)
-rss_of() { # variant -> {"proc": VmRSS KiB, ...}
-    local name names sep="" out="{"
-    read -ra names <<<"${PROCS[$1]}"
-    for name in "${names[@]}"; do
-        out+="$sep\"$name\":$(awk '/VmRSS/ {print $2}' "/proc/${PID[$name]}/status")"
-        sep=","
-    done
-    echo "$out}"
-}
+rss_of() { status_kib "$1" VmRSS; } # variant -> {"proc": VmRSS KiB, ...}
 if [[ $IDLE == 1 ]]; then
     for v in "${VARIANTS[@]}"; do
         [[ -n "${PROCS[$v]}" ]] || continue
