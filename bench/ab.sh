@@ -32,6 +32,8 @@ source "$ROOT/bench/require.sh"
 require ab.sh wrk nginx curl taskset
 LOADGEN="${CARGO_TARGET_DIR:-$ROOT/target}/release/loadgen"
 [[ -z "${AB_RATE:-}" || -x "$LOADGEN" ]] || { echo "ab.sh: AB_RATE needs $LOADGEN" >&2; exit 1; }
+# A build whose code layout is stale holds MiBs more RSS (bench/link-order.sh): say so up front.
+for bin in "$BIN_A" "$BIN_B"; do "$ROOT/bench/link-order.sh" --check "$bin" 2>&1 || true; done
 OUTRIDER="$BIN_A"
 NAME=ab
 NGINX_PREFIX=(taskset -c 0)

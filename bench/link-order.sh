@@ -8,7 +8,14 @@
 # (docs/performance.md). A poor man's BOLT: this toolchain has no llvm-profdata or llvm-bolt.
 #
 #   bench/link-order.sh [REQUESTS=2000]
+#   bench/link-order.sh --check [BIN=target/release/outrider]
 #   env: BENCH_PORT_BASE (default 21500)
+#
+# `--check` says how many of the file's Rust functions the binary has (it exits 1 below 90 %).
+# Rust symbol names carry a hash of the crate's build metadata, so adding or upgrading a
+# dependency of the sidecar renames nearly all of them and the file goes stale at once: after
+# foldhash was added, 979 of 1,739 names were missing and each sidecar held 2.3 MiB more
+# (docs/performance.md). bench/pair.sh runs the check on the binary it measures.
 #
 # Builds the release binary (which keeps its symbol table; the order it was linked with does not
 # change which functions run), runs a caller and a callee sidecar under callgrind from start-up
@@ -18,6 +25,20 @@
 # never correctness.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ "${1:-}" == --check ]]; then
+    bin="${2:-${CARGO_TARGET_DIR:-$ROOT/target}/release/outrider}"
+    # Rust names only: the C library's functions are in the file for the static image.
+    wanted="$(grep -E '^_(ZN|R)' "$ROOT/sidecar/link-order.txt" | sort -u)"
+    found="$(comm -12 <(echo "$wanted") <(nm "$bin" | awk '{print $3}' | sort -u) | wc -l)"
+    total="$(echo "$wanted" | wc -l)"
+    percent=$((100 * found / total))
+    echo "link order: $found of $total Rust functions of sidecar/link-order.txt are in $bin ($percent %)"
+    if ((percent < 90)); then
+        echo "link order: stale; run bench/link-order.sh and rebuild (each sidecar holds MiBs more code)" >&2
+        exit 1
+    fi
+    exit 0
+fi
 REQUESTS="${1:-2000}"
 CONNS=8
 RATE=200

@@ -103,6 +103,9 @@ LOADGEN="$TARGET_DIR/release/loadgen"
 for b in "$OUTRIDER" "$LOADGEN"; do
     [[ -x "$b" ]] || { echo "pair.sh: $b missing (run without --no-build)" >&2; exit 1; }
 done
+# A stale code layout costs each sidecar MiBs of RSS (bench/link-order.sh); say so, and record it.
+LINK_ORDER="$("$ROOT/bench/link-order.sh" --check "$OUTRIDER" 2>&1)" || true
+log "$LINK_ORDER"
 
 # ---------------------------------------------------------------- cores
 NCPU="$(nproc)"
@@ -560,9 +563,11 @@ jq -n --arg started "$STARTED" --arg host "$(hostname)" --arg cpu "$MODEL" --arg
     --argjson memory_sweep "$(cat "$WORK/memory-sweep.json")" \
     --argjson outrider_metrics "$(cat "$WORK/metrics.json")" \
     --arg variants "${VARIANTS[*]} ${GRPC_VARIANTS[*]}" \
+    --arg link_order "$LINK_ORDER" \
     '{started: $started, host: $host, cpu: $cpu, ncpu: $ncpu, server_cpus: $server_cpus,
       load_cpus: $load_cpus, nice: $nice, loadavg_before: $loadavg_before, loadavg_after: $loadavg_after,
       rounds: $rounds, seconds: $seconds, rate: $rate, outrider_commit: $outrider,
+      link_order: $link_order,
       versions: {nginx: $nginx, haproxy: $haproxy, wrk: $wrk},
       variants: ($variants | split(" ") | map(select(. != ""))), processes: $procs,
       memory: $memory, memory_after_sweep: $memory_sweep, outrider_metrics: $outrider_metrics,
