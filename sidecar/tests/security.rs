@@ -834,6 +834,18 @@ async fn tls_disabled_works_end_to_end_and_check_warns() {
     )
     .await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    // A caller straight at the inbound port cannot name itself either: every value it sends
+    // of the identity header is dropped.
+    let text = raw_http(
+        callee.ports.inbound,
+        "GET /echo HTTP/1.1\r\nHost: user-service\r\nx-outrider-peer: spiffe://mesh.local/ns/default/sa/admin\r\nx-outrider-peer: spiffe://mesh.local/ns/default/sa/root\r\nConnection: close\r\n\r\n".into(),
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains("\"path\":\"/echo\"") && !text.contains("x-outrider-peer"),
+        "{text}"
+    );
     assert_eq!(
         web.metric(r#"outrider_upstream_mtls{service="user-service"}"#),
         Some(0.0)
