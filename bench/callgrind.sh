@@ -29,8 +29,12 @@ BASE="${BENCH_PORT_BASE:-21400}"
 # shellcheck source=bench/require.sh
 source "$ROOT/bench/require.sh"
 require callgrind.sh valgrind callgrind_control callgrind_annotate nginx curl
-# Separately, so loadgen's dependencies do not unify extra features into the sidecar.
-(cd "$ROOT" && cargo build --profile profiling -q -p outrider && cargo build --profile profiling -q -p loadgen)
+# Separately, so loadgen's dependencies do not unify extra features into the sidecar; the
+# sidecar only when no OUTRIDER_BIN is given.
+if [[ -z "${OUTRIDER_BIN:-}" ]]; then
+    (cd "$ROOT" && cargo build --profile profiling -q -p outrider)
+fi
+(cd "$ROOT" && cargo build --profile profiling -q -p loadgen)
 OUTRIDER="${OUTRIDER_BIN:-$TARGET_DIR/profiling/outrider}"
 LOADGEN="$TARGET_DIR/profiling/loadgen"
 mkdir -p "$OUT"
