@@ -322,6 +322,45 @@ impl Future for Stop {
     }
 }
 
+/// Accepts connections until shutdown, serving each on a task of its own, then drains within
+/// `grace`. `side` names the listener in logs.
+async fn accept_until_shutdown<F, Fut>(
+    listener: TcpListener,
+    side: &'static str,
+    shutdown: watch::Receiver<bool>,
+    grace: Duration,
+    serve: F,
+) where
+    F: Fn(TcpStream, SocketAddr, Stop) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (sender, closed) = mpsc::channel(1);
+    let open = Open { _sender: sender };
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = signalled(shutdown.clone()) => break,
+        };
+        let (tcp, remote) = match accepted {
+            Ok(a) => a,
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(%error, side, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let connection = serve(tcp, remote, Stop::new(shutdown.clone()));
+        let open = open.clone();
+        tokio::spawn(async move {
+            connection.await;
+            drop(open);
+        });
+    }
+    drain(open, closed, grace).await;
+}
+
 /// Serves the outbound listener until shutdown, then drains within `grace`.
 pub async fn serve_outbound(
     listener: TcpListener,
@@ -332,32 +371,10 @@ pub async fn serve_outbound(
     let local = listener
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
-    let (sender, closed) = mpsc::channel(1);
-    let open = Open { _sender: sender };
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = signalled(shutdown.clone()) => break,
-        };
-        let (tcp, _) = match accepted {
-            Ok(a) => a,
-            Err(error) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(%error, "outbound accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let shared = shared.clone();
-        let stop = Stop::new(shutdown.clone());
-        let open = open.clone();
-        tokio::spawn(async move {
-            serve_outbound_conn(tcp, shared, local, stop).await;
-            drop(open);
-        });
-    }
-    drain(open, closed, grace).await;
+    accept_until_shutdown(listener, "outbound", shutdown, grace, |tcp, _, stop| {
+        serve_outbound_conn(tcp, shared.clone(), local, stop)
+    })
+    .await;
 }
 
 async fn serve_outbound_conn(
@@ -406,57 +423,33 @@ pub async fn serve_inbound(
     shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let (sender, closed) = mpsc::channel(1);
-    let open = Open { _sender: sender };
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = signalled(shutdown.clone()) => break,
-        };
-        let (tcp, remote) = match accepted {
-            Ok(a) => a,
-            Err(error) => {
-                tracing::warn!(%error, "inbound accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let shared = shared.clone();
-        let stop = Stop::new(shutdown.clone());
-        let open = open.clone();
-        tokio::spawn(async move {
-            match shared.tls.clone() {
-                Some(tls) => {
-                    let handshake =
-                        tokio::time::timeout(tls.handshake_timeout(), tls.acceptor().accept(tcp))
-                            .await;
-                    let stream = match handshake {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(error)) => {
-                            handshake_failed(&shared, remote, &error.to_string());
-                            return;
-                        }
-                        Err(_) => {
-                            handshake_failed(&shared, remote, "handshake timed out");
-                            return;
-                        }
-                    };
-                    let peer = Peer::new(
-                        crate::tls::peer_id(stream.get_ref().1.peer_certificates()),
-                        &shared.metrics,
-                    );
-                    serve_peer(shared, Arc::new(peer), stream, stop).await;
-                }
-                None => {
-                    let peer = Arc::new(Peer::new(None, &shared.metrics));
-                    serve_peer(shared, peer, tcp, stop).await
-                }
-            }
-            drop(open);
-        });
-    }
-    drain(open, closed, grace).await;
+    accept_until_shutdown(listener, "inbound", shutdown, grace, |tcp, remote, stop| {
+        serve_inbound_conn(tcp, remote, shared.clone(), stop)
+    })
+    .await;
+}
+
+async fn serve_inbound_conn(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    shared: Arc<Shared>,
+    stop: impl Future<Output = ()>,
+) {
+    let Some(tls) = shared.tls.clone() else {
+        let peer = Arc::new(Peer::new(None, &shared.metrics));
+        return serve_peer(shared, peer, tcp, stop).await;
+    };
+    let handshake = tokio::time::timeout(tls.handshake_timeout(), tls.acceptor().accept(tcp)).await;
+    let stream = match handshake {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => return handshake_failed(&shared, remote, &error.to_string()),
+        Err(_) => return handshake_failed(&shared, remote, "handshake timed out"),
+    };
+    let peer = Peer::new(
+        crate::tls::peer_id(stream.get_ref().1.peer_certificates()),
+        &shared.metrics,
+    );
+    serve_peer(shared, Arc::new(peer), stream, stop).await;
 }
 
 fn handshake_failed(shared: &Shared, remote: SocketAddr, reason: &str) {
